@@ -1,0 +1,294 @@
+"""The shared solver loop: flattening of pytree states, stopping rule, best-iterate tracking.
+
+Two drivers share the solvers' ``update`` rule:
+
+* :func:`solve` runs a ``lax.while_loop`` that stops early; it is not reverse-differentiable
+  and is used under the implicit, phantom and Jacobian-free adjoints (and for the adjoint
+  linear system itself);
+* :func:`unroll` runs a fixed number of steps with ``lax.scan``; it is differentiable and is
+  the unrolled-backprop baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deq._solution import RESULTS, SolverStats
+from deq._solvers import ForwardSolver
+
+
+class Flattener:
+    """Maps a pytree state to a ``(batch, dim)`` matrix and back.
+
+    With ``batched=True`` every leaf must share its leading axis, which becomes ``batch``;
+    otherwise ``batch == 1``.
+    """
+
+    def __init__(self, tree, batched: bool, what: str = "z0"):
+        leaves, self.treedef = jax.tree_util.tree_flatten(tree)
+        if not leaves:
+            raise ValueError(f"{what} has no array leaves; there is nothing to solve for.")
+        for leaf in leaves:
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                raise TypeError(
+                    f"every leaf of {what} must be a floating-point array; got dtype "
+                    f"{jnp.result_type(leaf)} with shape {jnp.shape(leaf)}."
+                )
+        self.shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+        self.dtypes = [jnp.result_type(leaf) for leaf in leaves]
+        if batched:
+            if any(len(s) == 0 for s in self.shapes):
+                raise ValueError(
+                    f"batched=True needs a leading batch axis on every leaf of {what}; "
+                    f"got shapes {self.shapes}."
+                )
+            sizes = {s[0] for s in self.shapes}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"batched=True needs the same leading (batch) size on every leaf of "
+                    f"{what}; got shapes {self.shapes}."
+                )
+            self.batch = self.shapes[0][0]
+            self.sizes = [math.prod(s[1:]) for s in self.shapes]
+        else:
+            self.batch = 1
+            self.sizes = [math.prod(s) for s in self.shapes]
+        self.dtype = jnp.result_type(*self.dtypes)
+        self.dim = sum(self.sizes)
+
+    def flatten(self, tree):
+        leaves = jax.tree_util.tree_leaves(tree)
+        mats = [jnp.reshape(leaf, (self.batch, -1)).astype(self.dtype) for leaf in leaves]
+        return mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
+
+    def unflatten(self, mat):
+        if len(self.sizes) == 1:
+            parts = [mat]
+        else:
+            parts = jnp.split(mat, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
+        leaves = [
+            jnp.reshape(p, s).astype(dt) for p, s, dt in zip(parts, self.shapes, self.dtypes)
+        ]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _norms(z, fz):
+    """Per-sample |f(z) - z| and |f(z)|, in at least float32."""
+    dt = jnp.promote_types(z.dtype, jnp.float32)
+    r = (fz - z).astype(dt)
+    f = fz.astype(dt)
+    return jnp.sqrt(jnp.sum(r * r, axis=1)), jnp.sqrt(jnp.sum(f * f, axis=1))
+
+
+class _State(NamedTuple):
+    step: Any  # evaluations of f so far
+    z: Any  # current iterate (B, D)
+    fz: Any  # f(z)
+    solver_state: Any
+    best_z: Any
+    best_abs: Any  # (B,)
+    best_rel: Any  # (B,)
+    best_tol: Any  # (B,) atol + rtol |f(z_best)|
+    abs_trace: Any
+    rel_trace: Any
+    stall_ref: Any  # worst best_abs/best_tol when progress was last counted
+    stall_count: Any
+    result: Any
+    done: Any
+
+
+def _observe(solver: ForwardSolver, s: _State, max_steps: int, nonfinite_ok: bool = False):
+    """Record the residual of (s.z, s.fz), update best iterate and the stopping decision."""
+    res, nf = _norms(s.z, s.fz)
+    rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
+    tol = solver.atol + solver.rtol * nf
+    finite = jnp.isfinite(res) & jnp.all(jnp.isfinite(s.fz), axis=1)
+    better = finite & (res < s.best_abs)
+    best_z = jnp.where(better[:, None], s.z, s.best_z)
+    best_abs = jnp.where(better, res, s.best_abs)
+    best_rel = jnp.where(better, rel, s.best_rel)
+    best_tol = jnp.where(better, tol, s.best_tol)
+    i = s.step - 1
+    abs_trace = s.abs_trace.at[i].set(jnp.max(jnp.where(finite, res, jnp.inf)))
+    rel_trace = s.rel_trace.at[i].set(jnp.max(jnp.where(finite, rel, jnp.inf)))
+
+    sample_done = best_abs <= best_tol
+    all_done = jnp.all(sample_done)
+    progress = jnp.max(jnp.where(sample_done, 0.0, best_abs / best_tol))
+    improved = progress < solver.stall_factor * s.stall_ref
+    stall_ref = jnp.where(improved, progress, s.stall_ref)
+    stall_count = jnp.where(improved, 0, s.stall_count + 1)
+    stagnated = (
+        jnp.asarray(False)
+        if solver.stall_patience is None
+        else stall_count >= solver.stall_patience
+    )
+    # A sample whose iterate went non-finite will stay so (f(NaN) is NaN): stop there and
+    # return the best finite iterate instead of iterating on NaNs.
+    nonfinite = jnp.any(~finite & ~sample_done)
+    result = jnp.select(
+        [all_done, nonfinite, stagnated, s.step >= max_steps],
+        [RESULTS.SUCCESSFUL, RESULTS.NONFINITE, RESULTS.STAGNATED, RESULTS.MAX_STEPS],
+        RESULTS.MAX_STEPS,
+    ).astype(jnp.int32)
+    done = all_done | nonfinite | stagnated | (s.step >= max_steps)
+    return s._replace(
+        best_z=best_z, best_abs=best_abs, best_rel=best_rel, best_tol=best_tol,
+        abs_trace=abs_trace, rel_trace=rel_trace, stall_ref=stall_ref,
+        stall_count=stall_count, result=result, done=done,
+    )
+
+
+def solve(g, solver: ForwardSolver, z0, max_steps: int):
+    """Solve ``z = g(z)`` for a ``(B, D)`` matrix ``z`` with early stopping.
+
+    Returns ``(z_best, SolverStats)``.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    rdt = jnp.promote_types(z0.dtype, jnp.float32)
+    bsz = z0.shape[0]
+    fz0 = g(z0)
+    nan_trace = jnp.full((max_steps,), jnp.nan, rdt)
+    s = _State(
+        step=jnp.ones((), jnp.int32), z=z0, fz=fz0, solver_state=solver.init(z0, fz0),
+        best_z=z0, best_abs=jnp.full((bsz,), jnp.inf, rdt),
+        best_rel=jnp.full((bsz,), jnp.inf, rdt), best_tol=jnp.zeros((bsz,), rdt),
+        abs_trace=nan_trace, rel_trace=nan_trace, stall_ref=jnp.asarray(jnp.inf, rdt),
+        stall_count=jnp.zeros((), jnp.int32), result=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((), jnp.bool_),
+    )
+    s = _observe(solver, s, max_steps)
+
+    def body(s):
+        sample_done = s.best_abs <= s.best_tol
+        z_next, solver_state = solver.update(s.z, s.fz, s.solver_state)
+        # Converged samples stay where they are: the batch runs on for the slowest sample
+        # only, and a finished sample must not drift away from its fixed point meanwhile.
+        z_next = jnp.where(sample_done[:, None], s.best_z, z_next)
+        fz_next = g(z_next)
+        s = s._replace(step=s.step + 1, z=z_next, fz=fz_next, solver_state=solver_state)
+        return _observe(solver, s, max_steps)
+
+    s = jax.lax.while_loop(lambda s: ~s.done, body, s)
+    stats = _stats(s.step, s.best_abs, s.best_rel, s.abs_trace, s.rel_trace, s.result)
+    return s.best_z, stats
+
+
+def _stats(step, abs_res, rel_res, abs_trace, rel_trace, result):
+    # A sample that never produced a finite residual keeps inf: report it, never hide it.
+    return SolverStats(
+        num_steps=step,
+        abs_residual=jnp.max(abs_res),
+        rel_residual=jnp.max(rel_res),
+        abs_residual_per_sample=abs_res,
+        rel_residual_per_sample=rel_res,
+        abs_trace=abs_trace,
+        rel_trace=rel_trace,
+        converged=result == RESULTS.SUCCESSFUL,
+        result=result,
+    )
+
+
+def unroll(g, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = False):
+    """Differentiable fixed-length run: ``num_steps`` evaluations of ``g``, no early stop.
+
+    Returns ``(z_last, SolverStats)`` where ``z_last`` is the solver's next iterate after the
+    last evaluation (for plain iteration, exactly ``g`` applied ``num_steps`` times to ``z0``)
+    and the stats describe the last evaluated iterate.
+    """
+    if num_steps < 1:
+        raise ValueError(f"unrolled steps must be >= 1, got {num_steps}.")
+    fz0 = g(z0)
+    state0 = solver.init(z0, fz0)
+
+    def body(carry, _):
+        z, fz, st = carry
+        z_next, st = solver.update(z, fz, st)
+        fz_next = g(z_next)
+        res, nf = _norms(z_next, fz_next)
+        return (z_next, fz_next, st), (res, nf)
+
+    if checkpoint:
+        body = jax.checkpoint(body)
+    res0, nf0 = _norms(z0, fz0)
+    (z, fz, st), (res, nf) = jax.lax.scan(body, (z0, fz0, state0), None, length=num_steps - 1)
+    res = jnp.concatenate([res0[None], res], axis=0)  # (steps, B)
+    nf = jnp.concatenate([nf0[None], nf], axis=0)
+    res, nf = jax.lax.stop_gradient((res, nf))
+    rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
+    z_out, _ = solver.update(z, fz, st)
+    tol = solver.atol + solver.rtol * nf[-1]
+    finite = jnp.all(jnp.isfinite(res[-1]))
+    result = jnp.where(
+        ~finite, RESULTS.NONFINITE,
+        jnp.where(jnp.all(res[-1] <= tol), RESULTS.SUCCESSFUL, RESULTS.MAX_STEPS),
+    ).astype(jnp.int32)
+    stats = _stats(
+        jnp.asarray(num_steps, jnp.int32), res[-1], rel[-1],
+        jnp.max(res, axis=1), jnp.max(rel, axis=1), result,
+    )
+    return z_out, stats
+
+
+def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: float):
+    """Restarted GMRES for ``A x = b`` on a flat vector, counting matrix-vector products.
+
+    Each cycle builds a Krylov basis of size ``restart`` (classical Gram-Schmidt, applied
+    twice for stability), solves the small least-squares problem, and checks the true
+    residual. Returns ``(x, num_matvecs, residual_norm, converged)``.
+    """
+    n = b.shape[0]
+    dt = b.dtype
+    bnorm = jnp.linalg.norm(b)
+    tol = atol + rtol * bnorm
+    k = restart
+
+    def cycle(x, r, beta):
+        v = jnp.zeros((k + 1, n), dt).at[0].set(r / jnp.where(beta > 0, beta, 1.0))
+        h = jnp.zeros((k + 1, k), dt)
+
+        def arnoldi(j, vh):
+            v, h = vh
+            w = matvec(v[j])
+            mask = (jnp.arange(k + 1) <= j).astype(dt)
+            c1 = (v @ w) * mask
+            w = w - c1 @ v
+            c2 = (v @ w) * mask
+            w = w - c2 @ v
+            hn = jnp.linalg.norm(w)
+            col = (c1 + c2).at[j + 1].set(hn)
+            h = h.at[:, j].set(col)
+            v = v.at[j + 1].set(w / jnp.where(hn > 0, hn, 1.0))
+            return v, h
+
+        v, h = jax.lax.fori_loop(0, k, arnoldi, (v, h))
+        e1 = jnp.zeros((k + 1,), dt).at[0].set(beta)
+        y = jnp.linalg.lstsq(h, e1)[0]
+        y = jnp.where(jnp.all(jnp.isfinite(y)), y, 0.0)
+        return x + y @ v[:k]
+
+    def cond(c):
+        x, r, beta, steps, best_x, best_beta = c
+        return (beta > tol) & (steps + k + 1 <= max_steps) & jnp.isfinite(beta)
+
+    def body(c):
+        x, r, beta, steps, best_x, best_beta = c
+        x = cycle(x, r, beta)
+        r = b - matvec(x)
+        beta = jnp.linalg.norm(r)
+        better = beta < best_beta
+        best_x = jnp.where(better, x, best_x)
+        best_beta = jnp.where(better, beta, best_beta)
+        return x, r, beta, steps + k + 1, best_x, best_beta
+
+    r0 = b - matvec(x0)
+    beta0 = jnp.linalg.norm(r0)
+    init = (x0, r0, beta0, jnp.ones((), jnp.int32), x0, beta0)
+    _, _, _, steps, x, beta = jax.lax.while_loop(cond, body, init)
+    return x, steps, beta, beta <= tol

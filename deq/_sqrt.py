@@ -1,0 +1,93 @@
+"""The base case: sqrt(x) as a fixed point with an implicit (IFT) gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEWTON_STEPS = 10
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"fixed_point_sqrt takes real inputs, got dtype {x.dtype}.")
+    return x
+
+
+def _newton(x):
+    def body(_, y):
+        return 0.5 * (y + x / y)
+
+    y = jax.lax.fori_loop(0, NEWTON_STEPS, body, jnp.ones_like(x))
+    # Inside jit the input cannot be checked: mark entries <= 0 as NaN, the same convention as
+    # jnp.sqrt for negative numbers, rather than returning the meaningless Newton iterate.
+    return jnp.where(x > 0, y, jnp.nan)
+
+
+@jax.custom_vjp
+def _sqrt(x):
+    return _newton(x)
+
+
+def _sqrt_fwd(x):
+    y = _newton(x)
+    return y, y  # the converged y is the residual; x is not needed for the gradient
+
+
+def _sqrt_bwd(y, g):
+    # Implicit function theorem on y = 0.5 (y + x / y): dy/dx = 1 / (2 y).
+    return (g * 0.5 / y,)
+
+
+_sqrt.defvjp(_sqrt_fwd, _sqrt_bwd)
+
+
+def fixed_point_sqrt(x):
+    r"""Square root by 10 Newton iterations, differentiated by the implicit function theorem.
+
+    The forward pass runs :math:`y \leftarrow \tfrac12 (y + x / y)` ten times from :math:`y = 1`.
+    The backward pass never unrolls that loop: at the fixed point :math:`y^2 = x`, so
+    :math:`\partial y / \partial x = 1 / (2 y)`, computed from the saved converged ``y``.
+    This is the smallest complete example of the pattern that :func:`deq.fixed_point` generalises.
+
+    Ten steps from 1 give full float32/float64 accuracy for inputs in roughly
+    ``[1e-3, 1e5]``; outside that range the iteration has not converged yet (Newton's method
+    halves the error's exponent only once it is close) and the result is a worse approximation.
+
+    Args:
+      x: array of any shape with strictly positive entries. Integer inputs are promoted to
+        the default float dtype, like ``jnp.sqrt``.
+
+    Returns:
+      An array like ``x`` holding ``sqrt(x)``.
+
+    Raises:
+      ValueError: if ``x`` is concrete (not traced by ``jit``/``vmap``/``grad``) and has an
+        entry that is not strictly positive (zero, negative or NaN). Under a transformation
+        the values cannot be inspected; such entries then give NaN, as ``jnp.sqrt`` does
+        for negative numbers.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, deq
+      >>> deq.fixed_point_sqrt(jnp.array([4.0, 9.0]))
+      Array([2., 3.], dtype=float32)
+      >>> jax.grad(lambda x: deq.fixed_point_sqrt(x).sum())(jnp.array([4.0, 9.0]))
+      Array([0.25      , 0.16666667], dtype=float32)
+    """
+    x = _as_float(x)
+    if not isinstance(x, jax.core.Tracer):
+        bad = ~(np.asarray(x) > 0)
+        if bad.any():
+            idx = np.argwhere(bad)
+            first = tuple(int(i) for i in idx[0])
+            raise ValueError(
+                "fixed_point_sqrt needs strictly positive inputs; got "
+                f"{int(bad.sum())} entr{'y' if bad.sum() == 1 else 'ies'} <= 0 or NaN "
+                f"(first at index {first}: {np.asarray(x)[first]!r})."
+            )
+    return _sqrt(x)

@@ -1,0 +1,375 @@
+"""Dataset input pipeline for the training experiments (TFDS array_record, no TensorFlow).
+
+Datasets (``name`` argument of :func:`load_dataset`):
+
+* ``"digits"`` (default): scikit-learn's bundled 8x8 handwritten digits, embedded, needs no
+  network. Fixed stratified 80/20 split with ``random_state=0`` -> 1437 train / 360 test
+  (see :mod:`experiments.datasets.sklearn_digits`). Raw pixels 0..16.
+* ``"mnist"``: MNIST from the four standard gzip IDX files in a local folder (``data_dir``)
+  -> 60000 train / 10000 test, raw pixels 0..255. To get the files on a machine with
+  internet access::
+
+      mkdir -p ~/data/mnist && cd ~/data/mnist
+      for f in train-images-idx3-ubyte train-labels-idx1-ubyte \\
+               t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+        curl -fLO https://storage.googleapis.com/cvdf-datasets/mnist/$f.gz
+      done
+
+  (the original host http://yann.lecun.com/exdb/mnist/ has the same files but often refuses
+  scripted downloads), then ``load_dataset("mnist", data_dir="~/data/mnist")``.
+
+Both are local TFDS ``GeneratorBasedBuilder`` datasets (:mod:`experiments.datasets`) written in
+the ``array_record`` format and read back with ``tfds``' data-source API, which works without
+TensorFlow. They are built once into ``tfds_dir`` (default ``$TFDS_DATA_DIR`` or
+``~/tensorflow_datasets``; e.g. ``<tfds_dir>/sklearn_digits/1.0.0/``) on first use and reused
+afterwards. A prepared MNIST copy is reused even if ``data_dir`` later points at other files;
+delete ``<tfds_dir>/mnist_idx`` to rebuild.
+
+Pipeline (shared by both datasets):
+
+* Each split is loaded into memory as numpy arrays (the datasets are small).
+* Normalisation: pixels are divided by the dataset's maximum raw value (16 or 255, recorded
+  in the TFDS metadata) and then standardised per channel with the mean/std of the *train*
+  examples actually loaded (i.e. after ``limit_train``), applied identically to test.
+  Output images are float32 NHWC, labels int32.
+* :func:`train_batches`: a fresh permutation per epoch drawn from ``(seed, epoch)`` only, so
+  resuming at epoch ``e`` reproduces exactly the batches of an uninterrupted run; the
+  remainder that does not fill a batch is dropped (a different remainder each epoch).
+* :func:`eval_batches`: every example exactly once, in order. By default the last batch is
+  smaller; with ``pad=True`` every batch has ``batch_size`` rows (zero padding) and a boolean
+  mask, which avoids a recompilation of a jitted eval step for the last batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from experiments.datasets import MnistIdx, SklearnDigits
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TFDS_DIR = "~/tensorflow_datasets"
+
+# Public dataset name -> TFDS builder class.
+DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "digits": SklearnDigits,
+    "mnist": MnistIdx,
+}
+
+# Examples fetched per data-source call: batched reads are ~5x faster than one-by-one
+# indexing, and chunking bounds the list of decoded dicts held at once.
+_READ_CHUNK = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split held in memory.
+
+    Attributes:
+      images: float32 array (N, H, W, C), normalised. Read-only, so batches that are views
+        cannot corrupt the split.
+      labels: int32 array (N,). Read-only.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be NHWC, got shape {self.images.shape}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(
+                f"labels shape {self.labels.shape} does not match {len(self.images)} images"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in the split."""
+        return len(self.labels)
+
+
+def _resolve_tfds_dir(tfds_dir: str | os.PathLike | None) -> str:
+    if tfds_dir is None:
+        tfds_dir = os.environ.get("TFDS_DATA_DIR", DEFAULT_TFDS_DIR)
+    return os.path.abspath(os.path.expanduser(os.fspath(tfds_dir)))
+
+
+def _check_name(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def prepare_builder(
+    name: str = "digits",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    tfds_dir: str | os.PathLike | None = None,
+) -> tfds.core.DatasetBuilder:
+    """Returns the TFDS builder for ``name``, building the dataset first if needed.
+
+    Args:
+      name: ``"digits"`` or ``"mnist"``.
+      data_dir: Folder with the MNIST IDX files (required to build ``"mnist"``; when given it
+        must exist and hold the four files even if a prepared copy exists, so a typo is never
+        hidden by the cache). Ignored, with a warning, for ``"digits"``.
+      tfds_dir: Where prepared TFDS datasets live (default ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``). Created if missing.
+
+    Returns:
+      A prepared builder whose ``as_data_source()`` reads the array_record files.
+
+    Raises:
+      ValueError: Unknown ``name``, or ``"mnist"`` not yet prepared and no ``data_dir``.
+      FileNotFoundError: ``data_dir`` or one of the MNIST files is missing.
+    """
+    builder_cls = _check_name(name)
+    tfds_dir = _resolve_tfds_dir(tfds_dir)
+    download_config = None
+    if builder_cls is MnistIdx:
+        if data_dir is not None:
+            from experiments.datasets import find_mnist_files
+
+            data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+            find_mnist_files(data_dir)  # Raises FileNotFoundError naming the missing path.
+            download_config = tfds.download.DownloadConfig(manual_dir=data_dir)
+    elif data_dir is not None:
+        logger.warning("data_dir=%r is ignored for the embedded %r dataset", data_dir, name)
+
+    builder = builder_cls(data_dir=tfds_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder
+    if builder_cls is MnistIdx and download_config is None:
+        raise ValueError(
+            f"MNIST is not prepared in {tfds_dir!r}; pass data_dir=<folder with the IDX files> "
+            "to build it.\n" + MnistIdx.MANUAL_DOWNLOAD_INSTRUCTIONS
+        )
+    os.makedirs(tfds_dir, exist_ok=True)
+    logger.info("Building TFDS dataset %s into %s", builder.name, builder.data_dir)
+    builder.download_and_prepare(download_config=download_config, file_format="array_record")
+    return builder
+
+
+def read_split(
+    builder: tfds.core.DatasetBuilder, split: str, *, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a prepared split into memory through the TFDS data source.
+
+    Args:
+      builder: A prepared builder (see :func:`prepare_builder`).
+      split: Split name, e.g. ``"train"`` or ``"test"``.
+      limit: If given, read only the first ``limit`` examples (in stored order).
+
+    Returns:
+      ``(images, labels)``: raw ``uint8`` (N, H, W, C) and ``int64`` (N,).
+
+    Raises:
+      ValueError: If ``split`` does not exist or ``limit`` is not positive.
+    """
+    available = sorted(builder.info.splits.keys())
+    if split not in available:
+        raise ValueError(f"Dataset {builder.name!r} has no split {split!r}; available: {available}")
+    source = builder.as_data_source(split=split)
+    n = len(source)
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        n = min(n, limit)
+    shape = builder.info.features["image"].shape
+    images = np.empty((n, *shape), dtype=np.uint8)
+    labels = np.empty((n,), dtype=np.int64)
+    for start in range(0, n, _READ_CHUNK):
+        indices = list(range(start, min(start + _READ_CHUNK, n)))
+        records = source.__getitems__(indices)
+        for i, record in zip(indices, records, strict=True):
+            images[i] = record["image"]
+            labels[i] = record["label"]
+    return images, labels
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def load_dataset(
+    name: str = "digits",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    tfds_dir: str | os.PathLike | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> tuple[Split, Split, dict[str, Any]]:
+    """Loads, normalises and returns the train and test splits of a dataset.
+
+    Args:
+      name: ``"digits"`` (embedded default) or ``"mnist"``.
+      data_dir: Folder with the MNIST IDX files (see :func:`prepare_builder`).
+      tfds_dir: Where prepared TFDS datasets live; built there on first use.
+      limit_train: Use only the first N train examples of the fixed split.
+      limit_test: Use only the first N test examples of the fixed split.
+
+    Returns:
+      ``(train, test, info)`` where ``info`` has keys ``name``, ``tfds_name``, ``tfds_path``
+      (folder of the prepared files), ``num_classes``, ``image_shape`` (H, W, C),
+      ``max_value`` (raw pixel maximum), ``mean`` and ``std`` (per channel, in units of
+      ``pixel / max_value``, from the loaded train examples), ``num_train``, ``num_test``.
+
+    Raises:
+      ValueError: Unknown name, bad limit, or unprepared MNIST without ``data_dir``.
+      FileNotFoundError: A missing ``data_dir`` or MNIST file.
+    """
+    builder = prepare_builder(name, data_dir=data_dir, tfds_dir=tfds_dir)
+    train_raw, train_labels = read_split(builder, "train", limit=limit_train)
+    test_raw, test_labels = read_split(builder, "test", limit=limit_test)
+
+    max_value = float(builder.info.metadata["max_value"])
+    # Statistics in float64 so the 47M-pixel MNIST sum does not lose precision.
+    scaled = train_raw.astype(np.float64) / max_value
+    mean = scaled.mean(axis=(0, 1, 2))
+    std = scaled.std(axis=(0, 1, 2))
+    # A constant channel (e.g. a 1-example smoke split) would divide by zero.
+    std = np.where(std > 0, std, 1.0)
+
+    def normalise(raw: np.ndarray) -> np.ndarray:
+        out = (raw.astype(np.float64) / max_value - mean) / std
+        return _readonly(out.astype(np.float32))
+
+    train = Split(normalise(train_raw), _readonly(train_labels.astype(np.int32)))
+    test = Split(normalise(test_raw), _readonly(test_labels.astype(np.int32)))
+    info = {
+        "name": name,
+        "tfds_name": builder.name,
+        "tfds_path": os.fspath(builder.data_dir),
+        "num_classes": builder.info.features["label"].num_classes,
+        "image_shape": tuple(int(d) for d in builder.info.features["image"].shape),
+        "max_value": max_value,
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
+        "num_train": len(train),
+        "num_test": len(test),
+    }
+    return train, test, info
+
+
+def steps_per_epoch(split: Split, batch_size: int) -> int:
+    """Number of full training batches per epoch (the remainder is dropped).
+
+    Args:
+      split: The training split.
+      batch_size: Examples per batch.
+
+    Returns:
+      ``len(split) // batch_size``.
+
+    Raises:
+      ValueError: If ``batch_size`` is not positive or exceeds the split size (an epoch
+        would then have no batch at all).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size > len(split):
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {len(split)} training examples; "
+            "with drop-remainder batching an epoch would be empty"
+        )
+    return len(split) // batch_size
+
+
+def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The example order for one epoch, a pure function of ``(seed, epoch)``.
+
+    Args:
+      num_examples: Size of the split.
+      seed: Non-negative experiment seed.
+      epoch: Non-negative epoch index.
+
+    Returns:
+      A permutation of ``range(num_examples)``. Reproducible for a given NumPy version
+      (NumPy does not promise identical ``Generator`` streams across versions).
+    """
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    # SeedSequence mixes both words, so nearby (seed, epoch) pairs give unrelated streams and
+    # no epoch's order depends on how many batches earlier epochs consumed.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    return rng.permutation(num_examples)
+
+
+def train_batches(
+    split: Split, batch_size: int, *, seed: int, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields one epoch of shuffled training batches.
+
+    Args:
+      split: The training split.
+      batch_size: Examples per batch; the final partial batch is dropped.
+      seed: Experiment seed.
+      epoch: Epoch index; the order depends only on ``(seed, epoch)``, so a run resumed at
+        epoch ``e`` sees the same batches as an uninterrupted one (to resume mid-epoch, skip
+        the already-consumed steps with ``itertools.islice``).
+
+    Returns:
+      An iterator of ``steps_per_epoch(split, batch_size)`` pairs ``(images, labels)``:
+      float32 (batch_size, H, W, C) and int32 (batch_size,), fresh copies.
+    """
+    steps = steps_per_epoch(split, batch_size)
+    order = epoch_permutation(len(split), seed=seed, epoch=epoch)
+
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            yield split.images[idx], split.labels[idx]
+
+    # Arguments are validated eagerly (above), not on the first next().
+    return generate()
+
+
+def eval_batches(
+    split: Split, batch_size: int, *, pad: bool = False
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Yields every example exactly once, in order, for evaluation.
+
+    Args:
+      split: The split to evaluate.
+      batch_size: Examples per batch.
+      pad: If False, yield ``(images, labels)`` and let the last batch be smaller. If True,
+        yield ``(images, labels, mask)`` with every batch exactly ``batch_size`` rows: the
+        last one is padded with zero images and label 0, and ``mask`` (bool) is False on
+        padding rows, so a jitted eval step sees a single shape.
+
+    Returns:
+      An iterator of ``ceil(len(split) / batch_size)`` batches. Unpadded batches are
+      read-only views of the split.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    def generate() -> Iterator[tuple[np.ndarray, ...]]:
+        for start in range(0, len(split), batch_size):
+            images = split.images[start : start + batch_size]
+            labels = split.labels[start : start + batch_size]
+            if not pad:
+                yield images, labels
+                continue
+            n = len(labels)
+            mask = np.zeros((batch_size,), dtype=bool)
+            mask[:n] = True
+            if n < batch_size:
+                images = np.concatenate(
+                    [images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)]
+                )
+                labels = np.concatenate([labels, np.zeros((batch_size - n,), labels.dtype)])
+            yield images, labels, mask
+
+    return generate()
