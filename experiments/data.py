@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from experiments.datasets import MnistIdx, SklearnDigits
+from experiments.datasets import MnistIdx, SklearnDigits, find_mnist_files
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,6 @@ def prepare_builder(
     download_config = None
     if builder_cls is MnistIdx:
         if data_dir is not None:
-            from experiments.datasets import find_mnist_files
-
             data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
             find_mnist_files(data_dir)  # Raises FileNotFoundError naming the missing path.
             download_config = tfds.download.DownloadConfig(manual_dir=data_dir)
@@ -197,6 +195,31 @@ def read_split(
     return images, labels
 
 
+def _channel_stats(raw: np.ndarray, max_value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of ``raw / max_value`` over all examples and pixels.
+
+    Args:
+      raw: ``uint8`` array (N, H, W, C).
+      max_value: The dataset's maximum raw pixel value.
+
+    Returns:
+      ``(mean, std)``, float64 arrays of shape (C,); a zero std (constant channel, e.g. a
+      one-example smoke split) is replaced by 1 so normalising never divides by zero.
+    """
+    if raw.dtype != np.uint8 or raw.ndim != 4 or len(raw) == 0:
+        raise ValueError(f"expected a non-empty uint8 NHWC array, got {raw.dtype} {raw.shape}")
+    values = np.arange(256, dtype=np.float64) / max_value
+    mean, std = [], []
+    for c in range(raw.shape[-1]):
+        # A 256-bin histogram gives exact moments without a float copy of every pixel.
+        counts = np.bincount(raw[..., c].ravel(), minlength=256).astype(np.float64)
+        m = counts @ values / counts.sum()
+        var = counts @ (values - m) ** 2 / counts.sum()
+        mean.append(m)
+        std.append(np.sqrt(var) if var > 0 else 1.0)
+    return np.asarray(mean), np.asarray(std)
+
+
 def _readonly(array: np.ndarray) -> np.ndarray:
     array.flags.writeable = False
     return array
@@ -234,16 +257,15 @@ def load_dataset(
     test_raw, test_labels = read_split(builder, "test", limit=limit_test)
 
     max_value = float(builder.info.metadata["max_value"])
-    # Statistics in float64 so the 47M-pixel MNIST sum does not lose precision.
-    scaled = train_raw.astype(np.float64) / max_value
-    mean = scaled.mean(axis=(0, 1, 2))
-    std = scaled.std(axis=(0, 1, 2))
-    # A constant channel (e.g. a 1-example smoke split) would divide by zero.
-    std = np.where(std > 0, std, 1.0)
+    mean, std = _channel_stats(train_raw, max_value)
+    # Raw pixels are uint8, so normalising is a per-channel lookup table: exact (computed in
+    # float64) and several times faster than float arithmetic on every MNIST pixel.
+    lut = (np.arange(256, dtype=np.float64)[None, :] / max_value - mean[:, None]) / std[:, None]
+    lut = lut.astype(np.float32)
+    channels = np.arange(train_raw.shape[-1])
 
     def normalise(raw: np.ndarray) -> np.ndarray:
-        out = (raw.astype(np.float64) / max_value - mean) / std
-        return _readonly(out.astype(np.float32))
+        return _readonly(lut[channels, raw])
 
     train = Split(normalise(train_raw), _readonly(train_labels.astype(np.int32)))
     test = Split(normalise(test_raw), _readonly(test_labels.astype(np.int32)))

@@ -114,6 +114,10 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder):
     """MNIST from local IDX files as a TFDS dataset (``mnist_idx``)."""
 
     VERSION = tfds.core.Version("1.0.0")
+    # tfds derives code_path via a lazy `importlib_resources` import that fails on Python
+    # >= 3.9 without that backport (tensorflow/datasets#11212); it only locates an optional
+    # checksums.tsv next to this file, so point it here directly.
+    code_path = Path(__file__)
     RELEASE_NOTES = {"1.0.0": "Official train/test files, file order, raw uint8 pixels."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 

@@ -13,6 +13,8 @@ the split procedure must bump ``VERSION`` so stale prepared copies are not reuse
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -45,6 +47,10 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn 8x8 digits as a local TFDS dataset (``sklearn_digits``)."""
 
     VERSION = tfds.core.Version("1.0.0")
+    # tfds derives code_path via a lazy `importlib_resources` import that fails on Python
+    # >= 3.9 without that backport (tensorflow/datasets#11212); it only locates an optional
+    # checksums.tsv next to this file, so point it here directly.
+    code_path = Path(__file__)
     RELEASE_NOTES = {"1.0.0": "Stratified 80/20 split, random_state=0; raw 0..16 uint8 pixels."}
 
     def _info(self) -> tfds.core.DatasetInfo:
