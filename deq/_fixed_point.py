@@ -130,7 +130,7 @@ def fixed_point(
         )
 
     z0 = jax.tree_util.tree_map(jnp.asarray, z0)
-    _check_structure(fn, z0, args)
+    _check_structure(lambda z, a: fn(z, merge(a)), z0, arr_leaves)
 
     # Arrays that fn closes over become explicit inputs of the custom VJP: without this,
     # gradients w.r.t. closed-over parameters would be silently wrong.
