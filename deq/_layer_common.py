@@ -1,0 +1,160 @@
+"""What the NNX and Linen DEQ layers share: option checks, the starting point, the solve and
+the Jacobian penalty, and the messages that reject stateful layers inside a cell.
+
+Both layers reduce a call to ``solve(fn, z0, (cell_state, x), ...)`` with
+``fn(z, (cell_state, x)) = cell(z, x)``: the cell's parameters are an explicit argument of
+:func:`deq.fixed_point`, so they receive gradients through its custom VJP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from deq._adjoint import Adjoint
+from deq._fixed_point import fixed_point
+from deq._solution import SolverStats
+from deq._solvers import ForwardSolver
+from deq.regularization import jacobian_regularization
+
+DEFAULT_MAX_STEPS = 30
+
+# Why each kind of stateful layer cannot live inside a fixed-point map, and what to use instead.
+_BATCHNORM = (
+    "it normalises with statistics of the current batch and updates running statistics on "
+    "every call, i.e. on every solver iteration; it also couples the samples of a batch, "
+    "while the batched solve treats them as independent. Use GroupNorm or LayerNorm inside "
+    "the cell (and weight normalisation on its linear maps/convolutions), or put BatchNorm "
+    "outside the DEQ layer."
+)
+_DROPOUT = (
+    "it would draw a new mask on every solver iteration, so the map changes from step to step "
+    "and has no fixed point. Apply dropout outside the DEQ layer (to its input or output)."
+)
+_SPECTRALNORM = (
+    "it runs and stores a power iteration on every call, i.e. on every solver iteration. Use "
+    "weight normalisation instead (deq.cells: weight_norm=True), or normalise the weights "
+    "once outside the solve."
+)
+_RNG = (
+    "it draws random numbers on every call, so the map changes from step to step and has no "
+    "fixed point. Keep randomness outside the DEQ layer."
+)
+_MUTABLE = (
+    "a variable that the cell updates would be updated on every solver iteration (and the "
+    "updates are dropped by the solve). Keep only parameters in the cell: use GroupNorm or "
+    "LayerNorm instead of BatchNorm and weight normalisation instead of spectral norm."
+)
+REASONS = {
+    "BatchNorm": _BATCHNORM,
+    "Dropout": _DROPOUT,
+    "SpectralNorm": _SPECTRALNORM,
+    "rng": _RNG,
+    "mutable": _MUTABLE,
+}
+
+
+def stateful_error(layer: str, what: str, where: str, reason: str) -> ValueError:
+    """The error raised when a cell holds a layer with state that changes on each call."""
+    return ValueError(
+        f"{layer}: the cell contains {what} at {where!r}, which cannot be used inside a "
+        f"fixed-point solve: {REASONS[reason]}"
+    )
+
+
+def validate(layer: str, *, solver, adjoint, max_steps, z_init, jac_reg_samples) -> None:
+    """Check the layer options up front, so mistakes surface at construction."""
+    if solver is not None and not isinstance(solver, ForwardSolver):
+        raise TypeError(
+            f"{layer}: solver must be deq.FixedPointIteration, deq.Anderson or deq.Broyden, "
+            f"got {solver!r}."
+        )
+    if adjoint is not None and not isinstance(adjoint, Adjoint):
+        raise TypeError(
+            f"{layer}: adjoint must be deq.ImplicitAdjoint, deq.PhantomAdjoint, "
+            f"deq.JacobianFreeAdjoint or deq.UnrolledAdjoint, got {adjoint!r}."
+        )
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"{layer}: max_steps must be a positive int, got {max_steps!r}.")
+    if not (isinstance(z_init, str) or callable(z_init)):
+        raise TypeError(
+            f"{layer}: z_init must be 'zeros', the name of a method of the cell (e.g. "
+            f"'inject') or a callable x -> z0, got {z_init!r}."
+        )
+    if isinstance(jac_reg_samples, bool) or not isinstance(jac_reg_samples, int) or (
+        jac_reg_samples < 0
+    ):
+        raise ValueError(
+            f"{layer}: jac_reg_samples must be an int >= 0 (0 disables the Jacobian "
+            f"penalty), got {jac_reg_samples!r}."
+        )
+
+
+def initial_state(
+    layer: str,
+    init: str | Callable,
+    x: jax.Array,
+    cell: Any,
+    call_method: Callable[[str], Any],
+    batched: bool,
+) -> Any:
+    """The starting point ``z0`` of the solve.
+
+    ``"zeros"``: zeros of shape ``cell.state_shape(x.shape)`` if the cell defines
+    ``state_shape``, else shaped like ``x``. Another string: ``call_method(name)``, the cell's
+    method of that name applied to ``x`` (e.g. ``"inject"``). A callable: ``init(x)``.
+    """
+    if batched and jnp.ndim(x) == 0:
+        raise ValueError(f"{layer}: batched=True needs x with a leading batch axis, got a scalar.")
+    if isinstance(init, str):
+        if init == "zeros":
+            shape = cell.state_shape(jnp.shape(x)) if hasattr(cell, "state_shape") else (
+                jnp.shape(x)
+            )
+            dtype = jnp.result_type(x)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                dtype = jnp.result_type(float)
+            return jnp.zeros(shape, dtype)
+        if not hasattr(cell, init):
+            raise AttributeError(
+                f"{layer}: z_init={init!r} names no method of the cell "
+                f"{type(cell).__name__}; use 'zeros', a method name or a callable x -> z0."
+            )
+        return call_method(init)
+    return init(x)
+
+
+def match_output_dtype(fn: Callable, z0: Any, args: Any) -> Any:
+    """Cast ``z0`` to the dtypes ``fn`` returns (e.g. float32 inputs, float64 parameters)."""
+    out = jax.eval_shape(fn, z0, args)
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(z0):
+        return z0  # let deq.fixed_point report the mismatch with its full message
+    return jax.tree_util.tree_map(lambda z, o: jnp.asarray(z, o.dtype), z0, out)
+
+
+def solve(
+    fn: Callable,
+    z0: Any,
+    args: Any,
+    *,
+    solver: ForwardSolver | None,
+    adjoint: Adjoint | None,
+    max_steps: int,
+    batched: bool,
+    precision,
+    probe: jax.Array | None,
+) -> tuple[Any, SolverStats]:
+    """``deq.fixed_point`` with the layer's options; stats come back without gradient."""
+    sol = fixed_point(
+        fn, z0, args, solver=solver, adjoint=adjoint, max_steps=max_steps, batched=batched,
+        precision=precision, probe=probe,
+    )
+    return sol.value, jax.lax.stop_gradient(sol.stats)
+
+
+def jacobian_penalty(fn: Callable, z: Any, args: Any, key: jax.Array, num_samples: int):
+    """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021)."""
+    return jacobian_regularization(fn, jax.lax.stop_gradient(z), args, key, num_samples)

@@ -1,0 +1,125 @@
+"""Equilibrium cells ``f(z, x) -> z`` as Flax Linen modules.
+
+Same math and parameter layout as :mod:`deq.cells.nnx` (both call
+:mod:`deq.cells._functional`); input sizes are inferred at ``init`` as usual in Linen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deq.cells import _functional as F
+
+
+def _create(module: nn.Module, inits: dict[str, Callable]) -> dict:
+    return {name: module.param(name, init) for name, init in inits.items()}
+
+
+class MLPCell(nn.Module):
+    r"""Fully connected cell :math:`z \mapsto \mathrm{act}(z W + x U + b)`, optionally normed.
+
+    See :class:`deq.cells.nnx.MLPCell` for the details; parameters have the same names and
+    shapes (``W``, ``U``, ``norm``).
+
+    Attributes:
+      features: size of the last axis of ``z``.
+      activation: elementwise nonlinearity.
+      norm: LayerNorm on the output.
+      weight_norm: weight-normalise ``W`` and ``U``.
+      param_dtype: dtype of the parameters.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> import deq.linen
+      >>> from deq.cells.linen import MLPCell
+      >>> layer = deq.linen.DEQ(cell=MLPCell(8))
+      >>> x = jnp.ones((2, 3))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> layer.apply(variables, x).shape
+      (2, 8)
+    """
+
+    features: int
+    activation: Callable = jnp.tanh
+    norm: bool = False
+    weight_norm: bool = False
+    param_dtype: Any = jnp.float32
+
+    def state_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of ``z`` for an input of shape ``x_shape``."""
+        return (*x_shape[:-1], self.features)
+
+    def inject(self, x: jax.Array) -> jax.Array:
+        """The input injection ``x U + b`` (needs initialised parameters)."""
+        return F.mlp_inject(self.variables["params"], x)
+
+    @nn.compact
+    def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        p = _create(self, F.mlp_param_inits(x.shape[-1], self.features,
+                                            weight_norm=self.weight_norm, norm=self.norm,
+                                            dtype=self.param_dtype))
+        return F.mlp_cell(p, z, x, self.activation)
+
+
+class MDEQCell(nn.Module):
+    r"""MDEQ-style convolutional residual cell (Bai et al., 2020), channels last.
+
+    .. math:: z \mapsto \mathrm{GN}_3\big(\mathrm{relu}(z + \mathrm{GN}_2(\mathrm{conv}_2(
+       \mathrm{relu}(\mathrm{GN}_1(\mathrm{conv}_1 z)))) + \mathrm{inject}(x))\big)
+
+    See :class:`deq.cells.nnx.MDEQCell`; parameters have the same names and shapes.
+
+    Attributes:
+      channels: channels of ``z``.
+      hidden_channels: channels between the two convolutions (default ``channels``).
+      kernel_size: size of the square kernels.
+      num_groups: GroupNorm groups; must divide ``channels`` and ``hidden_channels``.
+      weight_norm: weight-normalise the convolutions.
+      param_dtype: dtype of the parameters.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> import deq.linen
+      >>> from deq.cells.linen import MDEQCell
+      >>> layer = deq.linen.DEQ(cell=MDEQCell(8, num_groups=2), z_init="inject")
+      >>> x = jnp.ones((2, 6, 6, 1))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> layer.apply(variables, x).shape
+      (2, 6, 6, 8)
+    """
+
+    channels: int
+    hidden_channels: int | None = None
+    kernel_size: int = 3
+    num_groups: int = 4
+    weight_norm: bool = True
+    param_dtype: Any = jnp.float32
+
+    def state_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of ``z`` for an input of shape ``x_shape``."""
+        return (*x_shape[:-1], self.channels)
+
+    def inject(self, x: jax.Array) -> jax.Array:
+        """The input injection ``conv(x)`` (needs initialised parameters)."""
+        return F.mdeq_inject(self.variables["params"], x)
+
+    @nn.compact
+    def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        hidden = self.channels if self.hidden_channels is None else self.hidden_channels
+        F.check_groups(self.channels, self.num_groups, "MDEQCell")
+        F.check_groups(hidden, self.num_groups, "MDEQCell")
+        p = _create(self, F.mdeq_param_inits(x.shape[-1], self.channels, hidden,
+                                             kernel_size=self.kernel_size,
+                                             weight_norm=self.weight_norm,
+                                             dtype=self.param_dtype))
+        return F.mdeq_cell(p, z, x, self.num_groups)
+
+
+__all__ = ["MDEQCell", "MLPCell"]

@@ -1,0 +1,191 @@
+"""The deep equilibrium layer for Flax Linen: a thin adapter over :func:`deq.fixed_point`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from deq import _layer_common as common
+from deq._adjoint import Adjoint
+from deq._solvers import ForwardSolver
+
+_NAME = "deq.linen.DEQ"
+
+_STATEFUL = ((nn.BatchNorm, "BatchNorm"), (nn.Dropout, "Dropout"),
+             (nn.SpectralNorm, "SpectralNorm"))
+
+
+def _module_path(module: nn.Module) -> str:
+    names = []
+    while isinstance(module, nn.Module):
+        names.append(module.name or type(module).__name__)
+        module = module.parent
+    return "/".join(reversed(names))
+
+
+def _reject_stateful(next_fun, args, kwargs, context):
+    """``nn.intercept_methods`` hook: fail on the first stateful layer the cell calls."""
+    for cls, reason in _STATEFUL:
+        if isinstance(context.module, cls):
+            raise common.stateful_error(
+                _NAME, f"nn.{cls.__name__}", _module_path(context.module), reason
+            )
+    return next_fun(*args, **kwargs)
+
+
+class DEQ(nn.Module):
+    r"""Deep equilibrium layer: returns :math:`z^* = f(z^*, x)` for a Linen cell ``f(z, x)``.
+
+    The cell is a child module named ``"cell"``, so its parameters live under this layer's
+    scope (e.g. ``params["DEQ_0"]["cell"]["W"]["kernel"]``), also when the cell was
+    constructed inside the enclosing module's compact method. ``DEQ.init`` calls the cell once
+    to create them; inside the solve the cell is applied functionally,
+    ``cell.apply({"params": p}, z, x)``, with ``p`` an explicit argument of
+    :func:`deq.fixed_point`, so the parameters receive gradients through ``adjoint`` (exact
+    implicit differentiation by default).
+
+    Collections written:
+
+    * ``"intermediates"``: ``"deq_stats"``, the :class:`deq.SolverStats` of the solve
+      (``mutable=["intermediates"]`` to read it; a tuple with one entry per call);
+    * ``"losses"``: ``"jac_reg"``, the Jacobian penalty
+      :func:`deq.regularization.jacobian_regularization` at :math:`z^*`, when
+      ``jac_reg_samples > 0`` and ``"losses"`` is mutable (otherwise it is not computed). Its
+      probes come from the ``"jac_reg"`` rng stream (falling back to ``"params"``).
+      ``sum(jax.tree.leaves(mutated["losses"]))`` adds up the penalties of all layers.
+
+    Cells must not hold state that changes on each call: ``nn.BatchNorm``, ``nn.Dropout``,
+    ``nn.SpectralNorm`` and any collection other than ``params`` are rejected with an error
+    naming the layer (use GroupNorm/LayerNorm and weight normalisation; put dropout outside).
+
+    Attributes:
+      cell: a Linen module called as ``cell(z, x)`` returning a ``z``-shaped output.
+      solver: forward solver (default :class:`deq.Anderson`).
+      adjoint: backward mode (default :class:`deq.ImplicitAdjoint`).
+      max_steps: budget of cell evaluations of the forward solve.
+      z_init: starting point ``z0``: ``"zeros"`` (shape ``cell.state_shape(x.shape)`` if the
+        cell defines it, else ``x.shape``), the name of a cell method applied to ``x`` (e.g.
+        ``"inject"``), or a callable ``x -> z0`` that does not use the cell's parameters.
+      batched: the leading axis of ``z`` is a batch of independent samples; each sample stops
+        when it has converged. Set False for an unbatched ``x`` (e.g. under ``vmap``).
+      precision: matmul precision inside the solves (e.g. ``"highest"``).
+      jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import flax.linen as nn
+      >>> import deq.linen
+      >>> from deq.cells.linen import MLPCell
+      >>> class Model(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         z = deq.linen.DEQ(cell=MLPCell(16), jac_reg_samples=1)(x)
+      ...         return nn.Dense(3)(z)
+      >>> model, x, y = Model(), jnp.ones((8, 4)), jnp.zeros(8, jnp.int32)
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> tx = optax.adam(1e-2)
+      >>> opt_state = tx.init(params)
+      >>> @jax.jit
+      ... def train_step(params, opt_state, key):
+      ...     def loss_fn(params):
+      ...         logits, aux = model.apply({"params": params}, x, rngs={"jac_reg": key},
+      ...                                   mutable=["losses", "intermediates"])
+      ...         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      ...         return ce + 0.1 * sum(jax.tree.leaves(aux["losses"])), aux
+      ...     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      ...     updates, opt_state = tx.update(grads, opt_state)
+      ...     stats = aux["intermediates"]["DEQ_0"]["deq_stats"][0]
+      ...     return optax.apply_updates(params, updates), opt_state, loss, stats
+      >>> params, opt_state, loss, stats = train_step(params, opt_state, jax.random.key(1))
+      >>> int(stats.num_steps) > 0
+      True
+    """
+
+    cell: nn.Module
+    solver: ForwardSolver | None = None
+    adjoint: Adjoint | None = None
+    max_steps: int = common.DEFAULT_MAX_STEPS
+    z_init: str | Callable[[jax.Array], Any] = "zeros"
+    batched: bool = True
+    precision: str | jax.lax.Precision | None = None
+    jac_reg_samples: int = 0
+
+    def __post_init__(self):
+        common.validate(_NAME, solver=self.solver, adjoint=self.adjoint,
+                        max_steps=self.max_steps, z_init=self.z_init,
+                        jac_reg_samples=self.jac_reg_samples)
+        if not isinstance(self.cell, nn.Module):
+            raise TypeError(
+                f"{_NAME}: cell must be a flax.linen Module, got {type(self.cell).__name__}."
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, probe: jax.Array | None = None) -> jax.Array:
+        """Solve for the equilibrium state of ``x``.
+
+        Args:
+          x: the input injected into every cell evaluation (batch first if ``batched``).
+          probe: optional :func:`deq.backward_stats_probe`, whose cotangent receives the
+            statistics of the implicit backward solve.
+
+        Returns:
+          The fixed point ``z*``.
+        """
+        # The cell's parameters live in its own scope, "cell" under this layer, whoever
+        # constructed it: a cell built in the enclosing module's compact method belongs to
+        # that module, so it is re-created here as this layer's child.
+        cell = self.cell if self.cell.parent is self else self.cell.clone(parent=self,
+                                                                          name="cell")
+        if self.is_initializing():
+            # Create the cell's variables with one ordinary call. A method z_init (e.g.
+            # "inject") needs parameters that do not exist yet: start from zeros here.
+            z_init = self.z_init if callable(self.z_init) else "zeros"
+            z = common.initial_state(_NAME, z_init, x, cell, None, self.batched)
+            with nn.intercept_methods(_reject_stateful):
+                cell(z, x)
+        variables = cell.variables
+        for col in variables:
+            if col != "params":
+                where = "/".join((*cell.path, next(iter(variables[col]), "")))
+                raise common.stateful_error(
+                    _NAME, f"a {col!r} variable collection", f"{col}: {where}", "mutable"
+                )
+        params = variables.get("params", {})
+        # Inside the solve the cell is applied functionally, its parameters an explicit input.
+        pure = cell.clone(parent=None)
+
+        def apply(params, *args, **kwargs):
+            with nn.intercept_methods(_reject_stateful):
+                return pure.apply({"params": params}, *args, **kwargs)
+
+        def fn(z, args):
+            params, xx = args
+            return apply(params, z, xx)
+
+        def start(params):
+            return common.initial_state(
+                _NAME, self.z_init, x, pure,
+                lambda name: apply(params, x, method=getattr(pure, name)), self.batched,
+            )
+
+        z0 = common.match_output_dtype(fn, start(params), (params, x))
+        z, stats = common.solve(
+            fn, z0, (params, x), solver=self.solver, adjoint=self.adjoint,
+            max_steps=self.max_steps, batched=self.batched, precision=self.precision,
+            probe=probe,
+        )
+        self.sow("intermediates", "deq_stats", stats)
+        if (self.jac_reg_samples and self.is_mutable_collection("losses")
+                and not self.is_initializing()):
+            key = self.make_rng("jac_reg")
+            self.sow("losses", "jac_reg",
+                     common.jacobian_penalty(fn, z, (params, x), key, self.jac_reg_samples))
+        return z
+
+
+__all__ = ["DEQ"]

@@ -1,0 +1,232 @@
+"""The deep equilibrium layer for Flax NNX: a thin adapter over :func:`deq.fixed_point`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deq import _layer_common as common
+from deq._adjoint import Adjoint
+from deq._solvers import ForwardSolver
+
+_NAME = "deq.nnx.DEQ"
+
+
+class DEQStats(nnx.Variable):
+    """Holds the :class:`deq.SolverStats` of a DEQ layer's last forward solve.
+
+    Not an ``nnx.Param``: optimisers built with ``wrt=nnx.Param`` ignore it, and it carries no
+    gradient. Filter it out of checkpoints with ``nnx.state(model, nnx.Param)``.
+    """
+
+
+class DEQAuxLoss(nnx.Variable):
+    """Holds an auxiliary loss of a DEQ layer's last call (e.g. the Jacobian penalty).
+
+    The value is differentiable within the traced function that made the call, so it can be
+    added to the training loss there; outside, it is a concrete number to log.
+    """
+
+
+def _offending(cell: nnx.Module):
+    """(what, path, reason) of the first stateful layer or variable inside ``cell``."""
+    layers = [(nnx.BatchNorm, "BatchNorm"), (nnx.Dropout, "Dropout"),
+              (nnx.SpectralNorm, "SpectralNorm")]
+    nodes = [("/".join(map(str, path)) or "<cell>", node) for path, node in nnx.iter_graph(cell)]
+    # Layers first, so that the error names e.g. the BatchNorm and not its 'mean' variable.
+    for where, node in nodes:
+        for cls, reason in layers:
+            if isinstance(node, cls):
+                return f"nnx.{cls.__name__}", where, reason
+    for where, node in nodes:
+        if isinstance(node, nnx.BatchStat):
+            return "an nnx.BatchStat variable", where, "mutable"
+        if isinstance(node, nnx.RngState):
+            return f"random state ({type(node).__name__})", where, "rng"
+    return None
+
+
+class DEQ(nnx.Module):
+    r"""Deep equilibrium layer: returns :math:`z^* = f(z^*, x)` for a cell ``f(z, x) -> z``.
+
+    The forward pass runs ``solver`` until the residual meets its tolerance (at most
+    ``max_steps`` evaluations of the cell); gradients reach the cell's parameters and ``x``
+    through ``adjoint`` (exact implicit differentiation by default, in memory independent of
+    the number of steps). The cell is split into its graph and state, and the state is an
+    explicit argument of :func:`deq.fixed_point`, so no parameter is closed over.
+
+    After each call:
+
+    * ``layer.stats`` (a :class:`DEQStats` variable) holds the :class:`deq.SolverStats` of
+      the solve -- ``layer.stats.get_value().num_steps``, ``.rel_residual``, ... -- also after
+      ``nnx.jit``, where it is updated like any other NNX state;
+    * ``layer.jac_loss`` (a :class:`DEQAuxLoss` variable) holds the Jacobian penalty
+      :func:`deq.regularization.jacobian_regularization` at :math:`z^*` when
+      ``jac_reg_samples > 0`` and the layer is not ``deterministic`` (``model.eval()`` sets
+      that), else 0. Read it inside the loss function with ``layer.jac_loss[...]``.
+
+    Cells must not hold state that changes on each call: ``nnx.BatchNorm``, ``nnx.Dropout``,
+    ``nnx.SpectralNorm`` and any ``nnx.BatchStat`` or random state are rejected with an error
+    naming the layer (use GroupNorm/LayerNorm and weight normalisation; put dropout outside).
+
+    Args:
+      cell: an ``nnx.Module`` called as ``cell(z, x)`` and returning a ``z``-shaped output.
+      solver: forward solver (default :class:`deq.Anderson`).
+      adjoint: backward mode (default :class:`deq.ImplicitAdjoint`).
+      max_steps: budget of cell evaluations of the forward solve.
+      z_init: starting point ``z0``: ``"zeros"`` (shape ``cell.state_shape(x.shape)`` if the
+        cell defines it, else ``x.shape``), the name of a cell method applied to ``x`` (e.g.
+        ``"inject"``), or a callable ``x -> z0`` that does not use the cell's parameters.
+      batched: the leading axis of ``z`` is a batch of independent samples; each sample stops
+        when it has converged. Set False for an unbatched ``x`` (e.g. under ``vmap``).
+      precision: matmul precision inside the solves (e.g. ``"highest"``), see
+        :func:`deq.fixed_point`.
+      jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
+      deterministic: if True, skip the (random) Jacobian penalty; ``model.eval()`` and
+        ``model.train()`` set it.
+      rngs: required when ``jac_reg_samples > 0``; its ``jac_reg`` stream (or default stream)
+        draws the probes.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> import deq.nnx
+      >>> from deq.cells.nnx import MLPCell
+      >>> class Model(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.deq = deq.nnx.DEQ(MLPCell(4, 16, rngs=rngs), jac_reg_samples=1,
+      ...                                rngs=rngs)
+      ...         self.head = nnx.Linear(16, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.head(self.deq(x))
+      >>> model = Model(nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+      >>> @nnx.jit
+      ... def train_step(model, optimizer, x, y):
+      ...     def loss_fn(model):
+      ...         logits = model(x)
+      ...         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      ...         return ce + 0.1 * model.deq.jac_loss[...]
+      ...     loss, grads = nnx.value_and_grad(loss_fn)(model)
+      ...     optimizer.update(model, grads)
+      ...     return loss
+      >>> loss = train_step(model, optimizer, jnp.ones((8, 4)), jnp.zeros(8, jnp.int32))
+      >>> int(model.deq.stats.get_value().num_steps) > 0
+      True
+    """
+
+    def __init__(
+        self,
+        cell: nnx.Module,
+        *,
+        solver: ForwardSolver | None = None,
+        adjoint: Adjoint | None = None,
+        max_steps: int = common.DEFAULT_MAX_STEPS,
+        z_init: str | Callable[[jax.Array], Any] = "zeros",
+        batched: bool = True,
+        precision: str | jax.lax.Precision | None = None,
+        jac_reg_samples: int = 0,
+        deterministic: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if not isinstance(cell, nnx.Module):
+            raise TypeError(f"{_NAME}: cell must be an nnx.Module, got {type(cell).__name__}.")
+        common.validate(_NAME, solver=solver, adjoint=adjoint, max_steps=max_steps, z_init=z_init,
+                        jac_reg_samples=jac_reg_samples)
+        if isinstance(z_init, str) and z_init != "zeros" and not callable(
+            getattr(cell, z_init, None)
+        ):
+            raise AttributeError(
+                f"{_NAME}: z_init={z_init!r} names no method of {type(cell).__name__}."
+            )
+        self._check_cell(cell)
+        self.cell = cell
+        self.solver = solver
+        self.adjoint = adjoint
+        self.max_steps = max_steps
+        self.z_init = z_init
+        self.batched = batched
+        self.precision = precision
+        self.jac_reg_samples = jac_reg_samples
+        self.deterministic = deterministic
+        self.stats = DEQStats(None)
+        self.jac_loss = DEQAuxLoss(jnp.zeros(()))
+        if jac_reg_samples:
+            if not isinstance(rngs, nnx.Rngs):
+                raise ValueError(
+                    f"{_NAME}: jac_reg_samples > 0 draws random probes; pass rngs=nnx.Rngs(...)."
+                )
+            self.rngs = rngs["jac_reg"].fork()
+        else:
+            self.rngs = nnx.data(None)
+
+    @staticmethod
+    def _check_cell(cell: nnx.Module) -> None:
+        bad = _offending(cell)
+        if bad is not None:
+            raise common.stateful_error(_NAME, *bad)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        probe: jax.Array | None = None,
+        rngs: nnx.Rngs | jax.Array | None = None,
+    ) -> jax.Array:
+        """Solve for the equilibrium state of ``x``.
+
+        Args:
+          x: the input injected into every cell evaluation (batch first if ``batched``).
+          probe: optional :func:`deq.backward_stats_probe`, whose cotangent receives the
+            statistics of the implicit backward solve.
+          rngs: overrides the layer's stream for the Jacobian penalty (``nnx.Rngs`` or a key).
+
+        Returns:
+          The fixed point ``z*``.
+        """
+        self._check_cell(self.cell)  # the cell may have been replaced since construction
+        graphdef, state = nnx.split(self.cell)
+
+        def fn(z, args):
+            cell_state, xx = args
+            return nnx.merge(graphdef, cell_state)(z, xx)
+
+        z0 = common.initial_state(
+            _NAME, self.z_init, x, self.cell, lambda name: getattr(self.cell, name)(x),
+            self.batched,
+        )
+        z0 = common.match_output_dtype(fn, z0, (state, x))
+        z, stats = common.solve(
+            fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint,
+            max_steps=self.max_steps, batched=self.batched, precision=self.precision,
+            probe=probe,
+        )
+        self.stats.set_value(stats)
+        if self.jac_reg_samples and not self.deterministic:
+            key = self._key(rngs)
+            self.jac_loss.set_value(
+                common.jacobian_penalty(fn, z, (state, x), key, self.jac_reg_samples)
+            )
+        else:
+            self.jac_loss.set_value(jnp.zeros((), self.jac_loss.get_value().dtype))
+        return z
+
+    def _key(self, rngs) -> jax.Array:
+        if rngs is None:
+            if self.rngs is None:
+                raise ValueError(
+                    f"{_NAME}: the Jacobian penalty needs random probes; build the layer with "
+                    "rngs=nnx.Rngs(...) or pass rngs= to the call."
+                )
+            return self.rngs()
+        if isinstance(rngs, nnx.Rngs):
+            return rngs["jac_reg"]()
+        return rngs
+
+
+__all__ = ["DEQ", "DEQAuxLoss", "DEQStats"]
