@@ -1,0 +1,25 @@
+"""MDEQ-style conv DEQ on MNIST from local IDX files (--config.data.dir=/path/to/mnist)."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.name = "mnist_deq"
+    config.data.name = "mnist"
+    config.model.cell = "mdeq"
+    config.model.features = 16
+    config.model.num_groups = 4
+    config.model.stem_stride = 2  # 28x28 -> 14x14
+    config.model.z_init = "zeros"
+    config.solver.max_steps = 12
+    config.solver.rtol = 1e-3
+    config.solver.eval_max_steps = 30
+    config.adjoint.max_steps = 12
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 200
+    config.train.num_epochs = 4
+    config.train.batch_size = 128
+    config.train.log_every = 20
+    config.train.checkpoint_every = 100
+    return config

@@ -1,0 +1,105 @@
+"""Models of the experiments: an ordinary Flax NNX classifier with a DEQ layer in the middle.
+
+The DEQ and the unrolled baseline are the *same* model and cell; only the layer's solver and
+adjoint differ (``config.mode``), so the comparison isolates the gradient method.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+import deq
+import deq.nnx
+from deq.cells.nnx import MDEQCell, MLPCell
+
+SOLVERS = ("anderson", "broyden", "iteration")
+ADJOINTS = ("implicit", "phantom", "jfb")
+ADJOINT_SOLVERS = ("anderson", "iteration", "broyden", "gmres")
+MODES = ("deq", "unrolled")
+CELLS = ("mlp", "mdeq")
+
+
+def make_solver(cfg: ml_collections.ConfigDict, *, mode: str, evaluation: bool = False):
+    """The forward solver and step budget for training (or evaluation)."""
+    rtol = cfg.eval_rtol if evaluation and cfg.eval_rtol else cfg.rtol
+    max_steps = cfg.eval_max_steps if evaluation and cfg.eval_max_steps else cfg.max_steps
+    if mode == "unrolled":
+        # The baseline: plain iteration, a fixed number of steps (the unrolled adjoint never
+        # stops early), so its forward budget equals the DEQ's max_steps.
+        return deq.FixedPointIteration(rtol=rtol, atol=cfg.atol, damping=cfg.damping), max_steps
+    common = dict(rtol=rtol, atol=cfg.atol)
+    if cfg.name == "anderson":
+        return deq.Anderson(history=cfg.history, **common), max_steps
+    if cfg.name == "broyden":
+        return deq.Broyden(**common), max_steps
+    return deq.FixedPointIteration(damping=cfg.damping, **common), max_steps
+
+
+def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False):
+    if config.mode == "unrolled":
+        return deq.UnrolledAdjoint()
+    a = config.adjoint
+    if evaluation:
+        # No gradient is taken at evaluation; the cheapest mode keeps the eval graph small.
+        return deq.JacobianFreeAdjoint()
+    if a.name == "phantom":
+        return deq.PhantomAdjoint(steps=a.phantom_steps, damping=a.phantom_damping)
+    if a.name == "jfb":
+        return deq.JacobianFreeAdjoint()
+    solver = {
+        "anderson": lambda: deq.Anderson(rtol=a.rtol, atol=1e-8),
+        "iteration": lambda: deq.FixedPointIteration(rtol=a.rtol, atol=1e-8),
+        "broyden": lambda: deq.Broyden(rtol=a.rtol, atol=1e-8),
+        "gmres": lambda: deq.GMRES(rtol=a.rtol, atol=1e-8),
+    }[a.solver]()
+    return deq.ImplicitAdjoint(solver=solver, max_steps=a.max_steps)
+
+
+class Classifier(nnx.Module):
+    """stem -> DEQ(cell) -> pool -> linear head.
+
+    * ``cell='mlp'``: the image is flattened and injected into a fully connected cell.
+    * ``cell='mdeq'``: a conv stem (optionally stride 2) maps the image to ``features``
+      channels, the MDEQ residual conv cell finds the equilibrium, then GroupNorm, global
+      average pooling and the head.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
+                 evaluation: bool = False, rngs: nnx.Rngs):
+        m = config.model
+        solver, max_steps = make_solver(config.solver, mode=config.mode, evaluation=evaluation)
+        self.kind = m.cell
+        h, w, c = image_shape
+        if m.cell == "mlp":
+            self.stem = None
+            cell = MLPCell(h * w * c, m.features, norm=m.norm, weight_norm=m.weight_norm,
+                           rngs=rngs)
+            self.out_norm = None
+        else:
+            self.stem = nnx.Conv(c, m.features, (3, 3), strides=m.stem_stride, rngs=rngs)
+            self.stem_norm = nnx.GroupNorm(m.features, num_groups=m.num_groups, rngs=rngs)
+            cell = MDEQCell(m.features, m.features, hidden_channels=m.hidden or None,
+                            num_groups=m.num_groups, weight_norm=m.weight_norm, rngs=rngs)
+            self.out_norm = nnx.GroupNorm(m.features, num_groups=m.num_groups, rngs=rngs)
+        self.deq = deq.nnx.DEQ(
+            cell, solver=solver, adjoint=make_adjoint(config, evaluation=evaluation),
+            max_steps=max_steps, z_init=m.z_init if m.z_init != "zeros" else "zeros",
+            precision=config.solver.precision or None,
+            jac_reg_samples=config.reg.jac_samples if config.reg.jac_weight > 0 else 0,
+            deterministic=evaluation, rngs=rngs,
+        )
+        self.head = nnx.Linear(m.features, num_classes, rngs=rngs)
+
+    def __call__(self, images: jax.Array, *, probe: jax.Array | None = None,
+                 key: jax.Array | None = None) -> jax.Array:
+        if self.kind == "mlp":
+            x = images.reshape(images.shape[0], -1)
+            z = self.deq(x, probe=probe, rngs=key)
+            return self.head(z)
+        x = jax.nn.relu(self.stem_norm(self.stem(images)))
+        z = self.deq(x, probe=probe, rngs=key)
+        z = self.out_norm(z)
+        return self.head(jnp.mean(z, axis=(1, 2)))
