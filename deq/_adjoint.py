@@ -166,25 +166,26 @@ class ImplicitAdjoint(Adjoint):
             (~conv).astype(rdt), jnp.asarray(result, rdt),
         ])
         if self.on_failure == "warn":
-            jax.debug.callback(_warn_backward, conv, steps, abs_res, rel_res)
+            jax.debug.callback(_warn_backward, conv)
         return flat.unflatten(uf), vec
 
 
-def _warn_backward(converged, steps, abs_res, rel_res):
+def _warn_backward(converged):
     if not np.all(converged):
+        # A constant message: Python's default warning filter then shows it once per call
+        # site instead of on every training step. The numbers are in deq.backward_stats.
         warnings.warn(
-            "deq: the implicit backward (adjoint) solve did not converge "
-            f"(steps={np.max(steps)}, abs residual={np.max(abs_res):.3e}, rel residual="
-            f"{np.max(rel_res):.3e}); the gradient is approximate. Raise "
-            "ImplicitAdjoint(max_steps=...), use ImplicitAdjoint(solver=deq.GMRES()), or make the "
-            "cell more contractive (Jacobian regularisation, weight normalisation).",
+            "deq: the implicit backward (adjoint) solve did not converge within its step "
+            "budget; the gradient is approximate. Read the residuals with "
+            "deq.backward_stats (probe=...), raise ImplicitAdjoint(max_steps=...), use "
+            "ImplicitAdjoint(solver=deq.GMRES()), or make the cell more contractive (Jacobian "
+            "regularisation, weight normalisation). ImplicitAdjoint(on_failure='ignore') "
+            "silences this warning.",
             RuntimeWarning,
             stacklevel=2,
         )
 
 
-# Integer/bool leaves of args (``nondiff``) may be tracers under jit, so they are ordinary
-# arguments of the custom VJP (with float0 cotangents), not nondiff_argnums.
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _implicit(fn, static, z0, diff, nondiff, probe):
     adjoint, solver, max_steps, batched, precision, treedef = static

@@ -192,9 +192,11 @@ def main(argv=None):
     if args.configs:
         import logging
 
+        from experiments.main import quiet_third_party_logs
         from experiments.train import train_and_evaluate
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        quiet_third_party_logs()
         for cfg_path in [c for c in args.configs.split(",") if c]:
             config = load_config(cfg_path, args.set)
             wd = Path(args.workdir) / config.name

@@ -29,6 +29,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    quiet_third_party_logs()
     import jax
 
     if FLAGS.distributed:
@@ -38,6 +39,15 @@ def main(argv):
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epochs; summary in {FLAGS.workdir}/summary.json")
+
+
+def quiet_third_party_logs():
+    """Orbax and TFDS log every checkpoint step at INFO through absl: keep our own lines."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "tensorflow_datasets", "jax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run():

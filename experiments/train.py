@@ -197,7 +197,7 @@ def _stats_metrics(prefix, stats):
 def make_train_step(task: Task):
     def train_step(params, opt_state, rest, images, labels, key):
         def loss_fn(params, probe):
-            model = nnx.merge(task.graphdef, params, rest)
+            model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             jac = model.deq.jac_loss.get_value()
@@ -214,7 +214,7 @@ def make_train_step(task: Task):
             "loss": ce,
             "jac_loss": jac,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             **_stats_metrics("fwd", stats),
             "bwd_steps": bwd.num_steps,
             "bwd_rel_residual": bwd.rel_residual,
@@ -227,7 +227,7 @@ def make_train_step(task: Task):
 
 def make_eval_step(task: Task):
     def eval_step(params, rest, images, labels, mask):
-        model = nnx.merge(task.eval_graphdef, params, rest)
+        model = nnx.merge(task.eval_graphdef, params, rest, copy=True)
         logits = model(images)
         stats = model.deq.stats.get_value()
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -332,10 +332,19 @@ def machine_description() -> str:
 # The job
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       stop_after: int | None = None) -> dict | None:
     """Train and evaluate the model described by ``config``; resume from ``workdir``.
 
-    Returns the summary dict also written to ``workdir/summary.json``.
+    Args:
+      config: see ``configs/default.py``.
+      workdir: checkpoints, metrics and the summary go here; an existing run there resumes.
+      stop_after: stop abruptly after this many training steps of this call, without a
+        final checkpoint or summary, exactly like an interrupted job (used by the resume
+        tests and for time-boxed jobs); None runs to the end.
+
+    Returns:
+      The summary dict also written to ``workdir/summary.json`` (None if stopped early).
     """
     validate_config(config)
     workdir = Path(workdir).expanduser()
@@ -444,6 +453,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             metrics = _to_py(jax.device_get(metrics))
             metrics["step_time"] = time.perf_counter() - t
             step += 1
+            if stop_after is not None and step - start_step >= stop_after:
+                writer.close()
+                return None
             for k, v in metrics.items():
                 agg.setdefault(k, []).append(float(v))
             if bar is not None:
@@ -505,6 +517,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return summary
 
 
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """The raw ``{"params", "opt_state"}`` arrays of a run's latest (or given) checkpoint."""
+    directory = (Path(workdir) / "checkpoints").absolute()
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}.")
+    return step, manager.restore(step, args=ocp.args.StandardRestore())
+
+
 def evaluate(eval_step, params, rest, split, batch_size, put_batch) -> dict:
     loss = correct = count = 0.0
     steps, residuals = [], []
@@ -548,4 +570,5 @@ def _progress(config, total, initial, epoch):
                 leave=False, dynamic_ncols=True)
 
 
-__all__ = ["CheckpointError", "read_metrics", "train_and_evaluate", "validate_config"]
+__all__ = ["CheckpointError", "load_checkpoint", "read_metrics", "train_and_evaluate",
+           "validate_config"]

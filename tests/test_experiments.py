@@ -1,0 +1,254 @@
+"""The training experiments end to end: smoke run, resume, configs, sharding, comparison."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import compare, train
+from experiments.compare import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def smoke_config(tfds_dir, **overrides):
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    config.data.tfds_dir = tfds_dir
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_smoke_run_end_to_end(tmp_path, tfds_dir):
+    summary = train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
+    assert summary["final_step"] == summary["total_steps"] == 12
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["train_step_temp_bytes"] is not None
+    records = train.read_metrics(tmp_path)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for key in ("train_loss", "train_fwd_steps", "train_bwd_steps", "train_fwd_rel_residual",
+                "test_accuracy", "epoch_time", "train_step_time"):
+        assert all(np.isfinite(r[key]) for r in epochs), key
+    steps = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == list(range(2, 13, 2))
+    assert json.loads((tmp_path / "summary.json").read_text())["name"] == "smoke"
+
+
+def test_deq_learns_the_digits(tmp_path, tfds_dir):
+    # Small but real: the loss must fall and accuracy rise well above chance (10%).
+    config = smoke_config(tfds_dir, **{"data.limit_train": 0, "data.limit_test": 0,
+                                       "model.features": 32, "solver.max_steps": 15,
+                                       "adjoint.max_steps": 15, "optim.warmup_steps": 20,
+                                       "train.num_epochs": 4, "train.batch_size": 32,
+                                       "train.log_every": 20, "train.checkpoint_every": 1000})
+    summary = train.train_and_evaluate(config, tmp_path)
+    epochs = [r for r in train.read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert summary["test_accuracy"] > 0.85
+
+
+def test_resume_after_interruption_gives_the_same_parameters(tmp_path, tfds_dir):
+    config = smoke_config(tfds_dir, **{"train.num_epochs": 3, "train.checkpoint_every": 5})
+    train.train_and_evaluate(config, tmp_path / "straight")
+    # Interrupted at step 7: the checkpoint of step 6 (end of epoch 1) survives, steps 7 is
+    # lost and recomputed; then interrupted again at step 13 (checkpoint at step 10).
+    assert train.train_and_evaluate(config, tmp_path / "resumed", stop_after=7) is None
+    assert train.load_checkpoint(tmp_path / "resumed")[0] == 6
+    assert train.train_and_evaluate(config, tmp_path / "resumed", stop_after=7) is None
+    assert train.load_checkpoint(tmp_path / "resumed")[0] == 12
+    train.train_and_evaluate(config, tmp_path / "resumed")
+    s1, a = train.load_checkpoint(tmp_path / "straight")
+    s2, b = train.load_checkpoint(tmp_path / "resumed")
+    assert s1 == s2 == 18
+    _assert_trees_equal(a, b)
+    # Metrics of the resumed run: every step once, no duplicates from the interruptions.
+    steps = [r["step"] for r in train.read_metrics(tmp_path / "resumed") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(2, 19, 2))
+
+
+def test_resume_after_kill_9(tmp_path, tfds_dir):
+    """A real `kill -9` of the command-line job, then the same command again."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.main", "--config", str(ROOT / "configs/smoke.py"),
+           "--workdir", str(workdir), f"--config.data.tfds_dir={tfds_dir}",
+           "--config.train.num_epochs=40", "--config.train.checkpoint_every=3"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    ckpt = workdir / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
+        if any(int(p.name) >= 9 for p in done):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = train.load_checkpoint(workdir)[0]
+    assert killed_at >= 9
+    # Resuming must not restart from zero: the first step it runs follows the checkpoint.
+    config = smoke_config(tfds_dir, **{"train.num_epochs": 40, "train.checkpoint_every": 3})
+    assert train.train_and_evaluate(config, workdir, stop_after=1) is None
+    steps = [r["step"] for r in train.read_metrics(workdir) if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] <= killed_at + 1
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path, tfds_dir):
+    config = smoke_config(tfds_dir, **{"train.num_epochs": 1})
+    train.train_and_evaluate(config, tmp_path)
+    step_dir = tmp_path / "checkpoints" / "6"
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    before = sorted(p.name for p in step_dir.rglob("*"))
+    config2 = smoke_config(tfds_dir, **{"train.num_epochs": 1})
+    with pytest.raises(train.CheckpointError, match="cannot restore the checkpoint of step 6"):
+        train.train_and_evaluate(config2, tmp_path)
+    assert sorted(p.name for p in step_dir.rglob("*")) == before
+
+
+def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir):
+    train.train_and_evaluate(smoke_config(tfds_dir, **{"train.num_epochs": 1}), tmp_path)
+    with pytest.raises(ValueError, match="model.features: 16 -> 32"):
+        train.train_and_evaluate(
+            smoke_config(tfds_dir, **{"train.num_epochs": 1, "model.features": 32}), tmp_path
+        )
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("solver.name", "newton", "config.solver.name='newton' is not one of"),
+    ("solver.max_steps", 0, "config.solver.max_steps=0 must be a number > 0"),
+    ("solver.damping", 1.5, "config.solver.damping=1.5 must be in"),
+    ("adjoint.solver", "lu", "config.adjoint.solver='lu'"),
+    ("model.cell", "resnet", "config.model.cell='resnet'"),
+    ("data.name", "cifar", "config.data.name='cifar'"),
+    ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0"),
+])
+def test_bad_config_values_name_the_field(tmp_path, tfds_dir, field, value, match):
+    config = smoke_config(tfds_dir, **{field: value})
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_mdeq_groups_must_divide_channels(tmp_path, tfds_dir):
+    config = smoke_config(tfds_dir, **{"model.cell": "mdeq", "model.features": 10})
+    with pytest.raises(ValueError, match="model.features=10 must be divisible"):
+        train.validate_config(config)
+
+
+def test_command_line_overrides_and_bad_fields(tmp_path, tfds_dir):
+    base = [sys.executable, "-m", "experiments.main", "--config", str(ROOT / "configs/smoke.py"),
+            f"--config.data.tfds_dir={tfds_dir}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ok = subprocess.run(base + ["--workdir", str(tmp_path / "a"), "--config.solver.max_steps=5",
+                                "--config.train.num_epochs=1"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    stored = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert stored["solver.max_steps"] == 5 and stored["train.num_epochs"] == 1
+    bad = subprocess.run(base + ["--workdir", str(tmp_path / "b"), "--config.solver.nope=3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "nope" in bad.stderr
+    bad_value = subprocess.run(base + ["--workdir", str(tmp_path / "c"),
+                                       "--config.solver.name=newton"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad_value.returncode != 0 and "config.solver.name='newton'" in bad_value.stderr
+
+
+def test_load_config_overrides(tmp_path):
+    config = load_config(str(ROOT / "configs" / "smoke.py"),
+                         ["solver.max_steps=3", "config.model.weight_norm=false",
+                          "optim.learning_rate=0.5"])
+    assert config.solver.max_steps == 3 and config.model.weight_norm is False
+    assert config.optim.learning_rate == 0.5
+    with pytest.raises(KeyError, match="solver.nope"):
+        load_config(str(ROOT / "configs" / "smoke.py"), ["solver.nope=1"])
+    with pytest.raises(ValueError, match="solver.max_steps='x'"):
+        load_config(str(ROOT / "configs" / "smoke.py"), ["solver.max_steps=x"])
+
+
+@pytest.mark.parametrize("name", ["default", "digits_deq", "digits_unrolled", "mnist_deq",
+                                  "mnist_unrolled", "smoke"])
+def test_every_config_is_valid(name):
+    config = load_config(str(ROOT / "configs" / f"{name}.py"))
+    train.validate_config(config)
+    if "unrolled" in name:
+        deq_cfg = load_config(str(ROOT / "configs" / f"{name.replace('unrolled', 'deq')}.py"))
+        # Fair comparison: same model and the same forward step budget.
+        assert config.model == deq_cfg.model
+        assert config.solver.max_steps == deq_cfg.solver.max_steps
+
+
+_SHARDED = """
+import json, sys
+import jax
+from experiments import train
+from experiments.compare import load_config
+config = load_config(sys.argv[1], ["data.tfds_dir=" + sys.argv[2], "train.num_epochs=1"])
+summary = train.train_and_evaluate(config, sys.argv[3])
+step, state = train.load_checkpoint(sys.argv[3])
+leaves = jax.tree_util.tree_leaves(state["params"])
+print(json.dumps({"devices": jax.device_count(), "loss": summary["test_loss"],
+                  "params": [l.ravel().tolist() for l in leaves]}))
+"""
+
+
+def test_sharded_run_on_8_cpu_devices_matches_single_device(tmp_path, tfds_dir):
+    results = {}
+    for n in (1, 8):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        out = subprocess.run(
+            [sys.executable, "-c", _SHARDED, str(ROOT / "configs/smoke.py"), tfds_dir,
+             str(tmp_path / f"dev{n}")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results[1]["devices"] == 1 and results[8]["devices"] == 8
+    np.testing.assert_allclose(results[8]["loss"], results[1]["loss"], rtol=1e-4)
+    for a, b in zip(results[1]["params"], results[8]["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_compare_writes_table_and_plots(tmp_path, tfds_dir):
+    overrides = [f"data.tfds_dir={tfds_dir}", "train.num_epochs=1"]
+    deq_cfg = load_config(str(ROOT / "configs" / "smoke.py"), overrides)
+    unrolled = load_config(str(ROOT / "configs" / "smoke.py"),
+                           overrides + ["mode=unrolled", "solver.name=iteration"])
+    unrolled.name = "smoke_unrolled"
+    train.train_and_evaluate(deq_cfg, tmp_path / "smoke")
+    train.train_and_evaluate(unrolled, tmp_path / "smoke_unrolled")
+    table = compare.compare([tmp_path / "smoke", tmp_path / "smoke_unrolled"], tmp_path / "cmp")
+    assert "| smoke | deq |" in table and "| smoke_unrolled | unrolled |" in table
+    assert "Machine:" in table
+    for f in ("comparison.md", "comparison.json", "comparison.png", "memory.png"):
+        assert (tmp_path / "cmp" / f).stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        compare.summarize(tmp_path / "missing")
