@@ -12,13 +12,14 @@ def get_config():
     config.model.num_groups = 4
     config.model.stem_stride = 2  # 28x28 -> 14x14
     config.model.z_init = "zeros"
+    config.model.head_channels = 64
     config.solver.max_steps = 12
     config.solver.rtol = 1e-3
     config.solver.eval_max_steps = 30
     config.adjoint.max_steps = 12
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 200
-    config.train.num_epochs = 4
+    config.train.num_epochs = 3
     config.train.batch_size = 128
     config.train.log_every = 20
     config.train.checkpoint_every = 100

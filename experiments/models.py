@@ -84,6 +84,12 @@ class Classifier(nnx.Module):
             cell = MDEQCell(m.features, m.features, hidden_channels=m.hidden or None,
                             num_groups=m.num_groups, weight_norm=m.weight_norm, rngs=rngs)
             self.out_norm = nnx.GroupNorm(m.features, num_groups=m.num_groups, rngs=rngs)
+            # An optional strided conv before pooling: cheap (it runs once, outside the
+            # solve) and gives the linear head more than `features` pooled numbers.
+            self.head_conv = (
+                nnx.Conv(m.features, m.head_channels, (3, 3), strides=2, rngs=rngs)
+                if m.head_channels else None
+            )
         self.deq = deq.nnx.DEQ(
             cell, solver=solver, adjoint=make_adjoint(config, evaluation=evaluation),
             max_steps=max_steps, z_init=m.z_init if m.z_init != "zeros" else "zeros",
@@ -91,7 +97,8 @@ class Classifier(nnx.Module):
             jac_reg_samples=config.reg.jac_samples if config.reg.jac_weight > 0 else 0,
             deterministic=evaluation, rngs=rngs,
         )
-        self.head = nnx.Linear(m.features, num_classes, rngs=rngs)
+        head_in = m.head_channels if (m.cell == "mdeq" and m.head_channels) else m.features
+        self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
 
     def __call__(self, images: jax.Array, *, probe: jax.Array | None = None,
                  key: jax.Array | None = None) -> jax.Array:
@@ -102,4 +109,6 @@ class Classifier(nnx.Module):
         x = jax.nn.relu(self.stem_norm(self.stem(images)))
         z = self.deq(x, probe=probe, rngs=key)
         z = self.out_norm(z)
+        if self.head_conv is not None:
+            z = jax.nn.relu(self.head_conv(z))
         return self.head(jnp.mean(z, axis=(1, 2)))

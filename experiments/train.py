@@ -93,7 +93,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for f in ("solver.rtol", "solver.atol", "solver.eval_rtol", "solver.eval_max_steps",
               "adjoint.rtol", "reg.jac_weight", "optim.weight_decay", "optim.warmup_steps",
               "optim.grad_clip", "data.limit_train", "data.limit_test", "model.hidden",
-              "solver.damping"):
+              "solver.damping", "model.head_channels"):
         _positive(config, f, allow_zero=True)
     for f in ("solver.max_steps", "solver.eval_max_steps", "adjoint.max_steps",
               "train.num_epochs", "train.batch_size", "seed"):
