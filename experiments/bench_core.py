@@ -77,10 +77,16 @@ class Config:
     scale: float | None = None  # recurrent kernel scale; None: calibrate to TARGET_STEPS
     seed: int = 0
     unroll_steps: tuple[int, ...] = UNROLL_STEPS
+    # forward solvers of the phantom/JFB rows and of the memory-flatness check
+    phantom_forwards: tuple[str, ...] = ("iteration", "anderson")
+    flat_forwards: tuple[str, ...] = ("iteration", "anderson")
     peers: bool = True
+    note: str = ""  # free text saved with the results (e.g. "machine shared with other jobs")
 
 
-QUICK = Config(batch=2, channels=4, size=8, repeats=2, unroll_steps=(8, 16))
+# Tiny smoke configuration: every section, fewer compilations (compiling dominates here).
+QUICK = Config(batch=2, channels=4, size=8, repeats=2, unroll_steps=(8, 16),
+               phantom_forwards=("iteration",), flat_forwards=("iteration",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +441,7 @@ def machine_info() -> dict:
         "optimistix": _version("optimistix"),
         "lineax": _version("lineax"),
         "python": platform.python_version(),
+        "load_average_at_start": _loadavg(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -445,6 +452,13 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _version(pkg: str) -> str | None:
@@ -518,15 +532,19 @@ def _run(cfg: Config, log) -> dict:
         row["ratio_vs_iteration"] = row["steps"] / base
 
     # Reference: tight forward, tight GMRES adjoint. Also gives the peers' absolute tolerances.
-    ref_solve = deq_solve(
+    ref_inner = deq_solve(
         forward_solver("anderson", rtol=1e-6, stall_patience=None),
         deq.ImplicitAdjoint(solver=deq.GMRES(rtol=1e-6, atol=0.0), max_steps=2000,
                             on_failure="ignore"),
         max_steps=500,
     )
-    (_, _), (grad_ref, _) = jax.jit(make_train_step(ref_solve))(*args)
-    z_ref, _ = jax.jit(make_forward(forward_solver("anderson", rtol=1e-6), 500))(
-        problem.params, problem.x)
+
+    def ref_solve(cp, u, probe):
+        z, info = ref_inner(cp, u, probe)
+        return z, {**info, "z": z}
+
+    (_, ref_info), (grad_ref, _) = jax.jit(make_train_step(ref_solve))(*args)
+    z_ref = ref_info["z"]
     g_z = 2.0 * (z_ref - problem.target) / z_ref.size  # dL/dz* of the mean squared error
     fwd_tol = RTOL * float(jnp.linalg.norm(z_ref))
     bwd_tol = RTOL * float(jnp.linalg.norm(g_z))
@@ -554,7 +572,7 @@ def _run(cfg: Config, log) -> dict:
                           deq.ImplicitAdjoint(solver=adjoint_solver(adj_name),
                                               max_steps=cfg.max_steps),
                           cfg.max_steps)))
-    for fwd_name in ("iteration", "anderson"):
+    for fwd_name in cfg.phantom_forwards:
         for short, adj, label in (
             ("phantom", deq.PhantomAdjoint(), "PhantomAdjoint(steps=5, damping=0.5)"),
             ("JFB", deq.JacobianFreeAdjoint(), "JacobianFreeAdjoint()"),
@@ -570,7 +588,7 @@ def _run(cfg: Config, log) -> dict:
 
     # 3. Memory flatness of the implicit step in the forward budget (compiled memory only).
     flat_rows = []
-    for fwd_name in ("iteration", "anderson"):
+    for fwd_name in cfg.flat_forwards:
         mems = {}
         for budget in FLAT_STEPS:
             step = make_train_step(deq_solve(
@@ -642,6 +660,8 @@ def _run(cfg: Config, log) -> dict:
         "ratios": ratios,
         "peers_missing": {k: v for k, v in missing.items() if v is not None},
         "wall_s": time.perf_counter() - t_start,
+        "load_average_at_end": _loadavg(),
+        "note": cfg.note,
     }
     return result
 
@@ -684,7 +704,9 @@ def compute_ratios(rows: list[StepRow]) -> dict:
 
 
 def _mib(b) -> str:
-    return "-" if b is None else f"{b / 2**20:.1f} MiB"
+    if b is None:
+        return "-"
+    return f"{b / 2**10:.1f} KiB" if abs(b) < 2**20 else f"{b / 2**20:.1f} MiB"
 
 
 def _ms(t) -> str:
@@ -709,8 +731,14 @@ def to_markdown(res: dict) -> str:
         f"{res['tolerance']['peer_forward_atol']:.3e} (forward) and "
         f"{res['tolerance']['peer_backward_atol']:.3e} (backward) = {RTOL:g} x the batch norm. "
         f"Forward budget {c['max_steps']} steps. Times: median of {c['repeats']} jitted calls "
-        f"after one warm-up; memory: XLA's compiled temporary buffers.",
+        f"after one warm-up; memory: XLA's compiled temporary buffers. Load average (1, 5, 15 "
+        f"min) at start {m.get('load_average_at_start')}, at end {res.get('load_average_at_end')}"
+        f" ({m['cores']} cores).",
         "",
+    ]
+    if res.get("note"):
+        lines += [f"Note: {res['note']}", ""]
+    lines += [
         "## 1. Forward solvers: steps to tolerance on the same batch",
         "",
         "| solver | steps | steps / iteration | final rel. residual | result | forward time |",
@@ -815,6 +843,7 @@ def parse_args(argv=None) -> tuple[Config, Path]:
     p.add_argument("--unroll", type=int, nargs="+", default=None,
                    help=f"unrolled depths (default {' '.join(map(str, d.unroll_steps))})")
     p.add_argument("--no-peers", action="store_true", help="skip jaxopt and optimistix")
+    p.add_argument("--note", default=None, help="free text saved with the results")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke configuration (batch 2, 4 channels, 8x8, 2 repeats)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
@@ -824,7 +853,7 @@ def parse_args(argv=None) -> tuple[Config, Path]:
     overrides = {
         "batch": a.batch, "channels": a.channels, "size": a.size, "repeats": a.repeats,
         "max_steps": a.max_steps, "scale": a.scale,
-        "unroll_steps": None if a.unroll is None else tuple(a.unroll),
+        "unroll_steps": None if a.unroll is None else tuple(a.unroll), "note": a.note,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if a.no_peers:
