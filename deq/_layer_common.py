@@ -9,14 +9,14 @@ Both layers reduce a call to ``solve(fn, z0, (cell_state, x), ...)`` with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from deq._adjoint import Adjoint
 from deq._fixed_point import fixed_point
-from deq._solution import SolverStats
+from deq._solution import RESULTS, SolverStats
 from deq._solvers import ForwardSolver
 from deq.regularization import jacobian_regularization
 
@@ -55,6 +55,72 @@ REASONS = {
     "rng": _RNG,
     "mutable": _MUTABLE,
 }
+
+
+class LayerStats(NamedTuple):
+    """Statistics of a DEQ layer's forward solve, in shapes that do not depend on the input.
+
+    :class:`deq.SolverStats` has per-sample fields whose shape is the batch size. A layer
+    keeps its stats between calls (NNX) or returns them with every call (Linen), so they have
+    fixed shapes and dtypes here -- otherwise a jitted train step would recompile after an
+    evaluation call with another batch size. Residuals are stored in float32.
+
+    Attributes:
+      num_steps: int32, evaluations of the cell (0 before the first call).
+      abs_residual: ``|f(z) - z|`` of the returned point, worst sample.
+      rel_residual: ``|f(z) - z| / |f(z)|``, worst sample.
+      mean_abs_residual: ``|f(z) - z|`` averaged over the samples.
+      mean_rel_residual: ``|f(z) - z| / |f(z)|`` averaged over the samples.
+      abs_trace: shape ``(max_steps,)``, worst-sample absolute residual per step (NaN after
+        ``num_steps``).
+      rel_trace: shape ``(max_steps,)``, likewise relative.
+      converged: bool, every sample met the solver's tolerance.
+      result: int32 :class:`deq.RESULTS` code.
+    """
+
+    num_steps: Any
+    abs_residual: Any
+    rel_residual: Any
+    mean_abs_residual: Any
+    mean_rel_residual: Any
+    abs_trace: Any
+    rel_trace: Any
+    converged: Any
+    result: Any
+
+    @classmethod
+    def from_solver_stats(cls, stats: SolverStats) -> LayerStats:
+        f32 = lambda a: jnp.asarray(a, jnp.float32)
+        return cls(
+            num_steps=jnp.asarray(stats.num_steps, jnp.int32),
+            abs_residual=f32(stats.abs_residual),
+            rel_residual=f32(stats.rel_residual),
+            mean_abs_residual=f32(jnp.mean(stats.abs_residual_per_sample)),
+            mean_rel_residual=f32(jnp.mean(stats.rel_residual_per_sample)),
+            abs_trace=f32(stats.abs_trace),
+            rel_trace=f32(stats.rel_trace),
+            converged=jnp.asarray(stats.converged, jnp.bool_),
+            result=jnp.asarray(stats.result, jnp.int32),
+        )
+
+    @classmethod
+    def before_first_call(cls, max_steps: int) -> LayerStats:
+        """Placeholder with the final shapes: zero steps, NaN residuals, not converged."""
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        trace = jnp.full((max_steps,), jnp.nan, jnp.float32)
+        return cls(
+            num_steps=jnp.zeros((), jnp.int32), abs_residual=nan, rel_residual=nan,
+            mean_abs_residual=nan, mean_rel_residual=nan, abs_trace=trace, rel_trace=trace,
+            converged=jnp.zeros((), jnp.bool_),
+            result=jnp.asarray(RESULTS.MAX_STEPS, jnp.int32),
+        )
+
+    def summary(self) -> str:
+        """One line for logs (needs concrete values, i.e. call it outside jit)."""
+        return (
+            f"steps={int(self.num_steps)} abs={float(self.abs_residual):.3e} "
+            f"rel={float(self.rel_residual):.3e} result={RESULTS.describe(self.result)}"
+        )
 
 
 def stateful_error(layer: str, what: str, where: str, reason: str) -> ValueError:
@@ -146,15 +212,19 @@ def solve(
     batched: bool,
     precision,
     probe: jax.Array | None,
-) -> tuple[Any, SolverStats]:
+) -> tuple[Any, LayerStats]:
     """``deq.fixed_point`` with the layer's options; stats come back without gradient."""
     sol = fixed_point(
         fn, z0, args, solver=solver, adjoint=adjoint, max_steps=max_steps, batched=batched,
         precision=precision, probe=probe,
     )
-    return sol.value, jax.lax.stop_gradient(sol.stats)
+    return sol.value, LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats))
 
 
 def jacobian_penalty(fn: Callable, z: Any, args: Any, key: jax.Array, num_samples: int):
-    """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021)."""
-    return jacobian_regularization(fn, jax.lax.stop_gradient(z), args, key, num_samples)
+    """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021).
+
+    Returned in float32 whatever the model's dtype, so that the stored value keeps one dtype.
+    """
+    penalty = jacobian_regularization(fn, jax.lax.stop_gradient(z), args, key, num_samples)
+    return penalty.astype(jnp.float32)

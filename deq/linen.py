@@ -14,6 +14,8 @@ from deq._solvers import ForwardSolver
 
 _NAME = "deq.linen.DEQ"
 
+LayerStats = common.LayerStats
+
 _STATEFUL = ((nn.BatchNorm, "BatchNorm"), (nn.Dropout, "Dropout"),
              (nn.SpectralNorm, "SpectralNorm"))
 
@@ -49,8 +51,9 @@ class DEQ(nn.Module):
 
     Collections written:
 
-    * ``"intermediates"``: ``"deq_stats"``, the :class:`deq.SolverStats` of the solve
-      (``mutable=["intermediates"]`` to read it; a tuple with one entry per call);
+    * ``"intermediates"``: ``"deq_stats"``, the :class:`LayerStats` of the solve
+      (``mutable=["intermediates"]`` to read it; a tuple with one entry per call). Their
+      shapes do not depend on the batch size;
     * ``"losses"``: ``"jac_reg"``, the Jacobian penalty
       :func:`deq.regularization.jacobian_regularization` at :math:`z^*`, when
       ``jac_reg_samples > 0`` and ``"losses"`` is mutable (otherwise it is not computed). Its
@@ -188,4 +191,4 @@ class DEQ(nn.Module):
         return z
 
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "LayerStats"]

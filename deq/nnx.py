@@ -16,11 +16,15 @@ from deq._solvers import ForwardSolver
 _NAME = "deq.nnx.DEQ"
 
 
+LayerStats = common.LayerStats
+
+
 class DEQStats(nnx.Variable):
-    """Holds the :class:`deq.SolverStats` of a DEQ layer's last forward solve.
+    """Holds the :class:`LayerStats` of a DEQ layer's last forward solve.
 
     Not an ``nnx.Param``: optimisers built with ``wrt=nnx.Param`` ignore it, and it carries no
-    gradient. Filter it out of checkpoints with ``nnx.state(model, nnx.Param)``.
+    gradient. Its shapes are fixed at construction, so calls with other batch sizes do not
+    make jitted functions recompile. Checkpoint ``nnx.state(model, nnx.Param)``.
     """
 
 
@@ -61,9 +65,10 @@ class DEQ(nnx.Module):
 
     After each call:
 
-    * ``layer.stats`` (a :class:`DEQStats` variable) holds the :class:`deq.SolverStats` of
-      the solve -- ``layer.stats.get_value().num_steps``, ``.rel_residual``, ... -- also after
-      ``nnx.jit``, where it is updated like any other NNX state;
+    * ``layer.stats`` (a :class:`DEQStats` variable) holds the :class:`LayerStats` of the
+      solve -- ``layer.stats.get_value().num_steps``, ``.rel_residual``, ``.converged``, ... --
+      also after ``nnx.jit``, where it is updated like any other NNX state. (Per-sample
+      residuals are summarised: stored state must not change shape with the batch size.)
     * ``layer.jac_loss`` (a :class:`DEQAuxLoss` variable) holds the Jacobian penalty
       :func:`deq.regularization.jacobian_regularization` at :math:`z^*` when
       ``jac_reg_samples > 0`` and the layer is not ``deterministic`` (``model.eval()`` sets
@@ -154,8 +159,10 @@ class DEQ(nnx.Module):
         self.precision = precision
         self.jac_reg_samples = jac_reg_samples
         self.deterministic = deterministic
-        self.stats = DEQStats(None)
-        self.jac_loss = DEQAuxLoss(jnp.zeros(()))
+        # Fixed shapes and dtypes from the start: a jitted function sees the same input
+        # structure before and after the first call, and compiles once.
+        self.stats = DEQStats(common.LayerStats.before_first_call(max_steps))
+        self.jac_loss = DEQAuxLoss(jnp.zeros((), jnp.float32))
         if jac_reg_samples:
             if not isinstance(rngs, nnx.Rngs):
                 raise ValueError(
@@ -213,7 +220,7 @@ class DEQ(nnx.Module):
                 common.jacobian_penalty(fn, z, (state, x), key, self.jac_reg_samples)
             )
         else:
-            self.jac_loss.set_value(jnp.zeros((), self.jac_loss.get_value().dtype))
+            self.jac_loss.set_value(jnp.zeros((), jnp.float32))
         return z
 
     def _key(self, rngs) -> jax.Array:
@@ -229,4 +236,4 @@ class DEQ(nnx.Module):
         return rngs
 
 
-__all__ = ["DEQ", "DEQAuxLoss", "DEQStats"]
+__all__ = ["DEQ", "DEQAuxLoss", "DEQStats", "LayerStats"]

@@ -81,9 +81,9 @@ def conv(p: Params, x: jax.Array) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
-def norm_init(features, dtype=jnp.float32) -> Params:
-    """Parameters of :func:`group_norm`."""
-    return {"scale": jnp.ones((features,), dtype), "bias": jnp.zeros((features,), dtype)}
+def norm_init(features, dtype=jnp.float32, scale=1.0) -> Params:
+    """Parameters of :func:`group_norm`; ``scale`` is the initial value of the gain."""
+    return {"scale": jnp.full((features,), scale, dtype), "bias": jnp.zeros((features,), dtype)}
 
 
 def group_norm(p: Params, x: jax.Array, num_groups: int, num_axes: int, eps: float = 1e-5):
@@ -154,7 +154,10 @@ def mdeq_param_inits(in_channels: int, channels: int, hidden_channels: int, *, k
         "norm1": lambda key: norm_init(hidden_channels, dtype),
         "conv2": partial(conv_, in_channels=hidden_channels, out_channels=channels,
                          use_bias=False),
-        "norm2": lambda key: norm_init(channels, dtype),
+        # Zero gain: the residual branch starts switched off (as in zero-init residual
+        # networks), which makes the untrained cell contractive on typical inputs; with unit
+        # gain it often is not (spectral radius of df/dz above 1, solves stagnate).
+        "norm2": lambda key: norm_init(channels, dtype, scale=0.0),
         "inject_conv": partial(conv_, in_channels=in_channels, out_channels=channels,
                                use_bias=True),
         "norm3": lambda key: norm_init(channels, dtype),

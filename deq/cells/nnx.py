@@ -93,9 +93,11 @@ class MDEQCell(_ParamCell):
 
     GroupNorm statistics are per sample (no batch statistics), so the cell is safe inside a
     batched fixed-point solve; weight normalisation of the convolutions (default on) keeps the
-    cell's Lipschitz constant under control as in MDEQ. Parameters: ``conv1``, ``conv2``
-    (``kernel``, ``scale``), ``inject_conv`` (``kernel``, ``bias``, ``scale``), ``norm1..3``
-    (``scale``, ``bias``).
+    cell's Lipschitz constant under control as in MDEQ. The gain of ``GN_2`` starts at zero
+    (the residual branch starts switched off, as in zero-init residual networks): with unit
+    gain the untrained cell is often not contractive and solves stagnate. Parameters:
+    ``conv1``, ``conv2`` (``kernel``, ``scale``), ``inject_conv`` (``kernel``, ``bias``,
+    ``scale``), ``norm1..3`` (``scale``, ``bias``).
 
     Args:
       in_channels: channels of ``x``.
