@@ -66,13 +66,13 @@ class NNXClassifier(nnx.Module):
 class LinenClassifier(nn.Module):
     """The Linen twin of :class:`NNXClassifier`."""
 
-    deq_options: dict | None = None
+    max_steps: int = 30
 
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(CHANNELS, (3, 3))(x))
         cell = linen_cells.MDEQCell(CHANNELS, num_groups=2)
-        z = deq.linen.DEQ(cell=cell, **(self.deq_options or {}))(x)
+        z = deq.linen.DEQ(cell=cell, max_steps=self.max_steps)(x)
         return nn.Dense(CLASSES)(jnp.mean(z, axis=(1, 2)))
 
 
