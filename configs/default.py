@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.reg = ml_collections.ConfigDict()
     config.reg.jac_weight = 0.0  # weight of the Jacobian penalty ||df/dz||_F^2 / dim
-    config.reg.jac_samples = 1
+    config.reg.jac_samples = 1  # Hutchinson probes
+    config.reg.jac_batch = 0  # samples of the batch the penalty is estimated on (0 = all)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # 'adamw', 'adam', 'sgd'

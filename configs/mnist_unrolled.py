@@ -9,4 +9,5 @@ def get_config():
     config.mode = "unrolled"
     config.solver.name = "iteration"
     config.solver.eval_max_steps = 0
+    config.reg.jac_weight = 0.0  # a DEQ remedy; plain backprop needs none
     return config

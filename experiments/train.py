@@ -93,7 +93,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for f in ("solver.rtol", "solver.atol", "solver.eval_rtol", "solver.eval_max_steps",
               "adjoint.rtol", "reg.jac_weight", "optim.weight_decay", "optim.warmup_steps",
               "optim.grad_clip", "data.limit_train", "data.limit_test", "model.hidden",
-              "solver.damping", "model.head_channels"):
+              "solver.damping", "model.head_channels", "reg.jac_batch"):
         _positive(config, f, allow_zero=True)
     for f in ("solver.max_steps", "solver.eval_max_steps", "adjoint.max_steps",
               "train.num_epochs", "train.batch_size", "seed"):
@@ -200,7 +200,7 @@ def make_train_step(task: Task):
             model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            jac = model.deq.jac_loss.get_value()
+            jac = model.jac_loss.get_value()
             return ce + task.jac_weight * jac, (ce, jac, logits, model.deq.stats.get_value())
 
         probe = deq.backward_stats_probe()
