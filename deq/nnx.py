@@ -78,6 +78,13 @@ class DEQ(nnx.Module):
     ``nnx.SpectralNorm`` and any ``nnx.BatchStat`` or random state are rejected with an error
     naming the layer (use GroupNorm/LayerNorm and weight normalisation; put dropout outside).
 
+    Since a call writes ``stats`` (and ``jac_loss``), use the layer as any NNX module with
+    state: through ``nnx.jit`` / ``nnx.grad`` / ``nnx.value_and_grad``, or under plain JAX
+    transforms via ``nnx.split`` and ``nnx.merge(..., copy=True)`` inside the transformed
+    function. For a batch, prefer ``batched=True`` (per-sample stopping already) to
+    ``vmap``; ``nnx.vmap`` with the layer broadcast (``in_axes=None``) fails because the
+    stats of the solves are per sample.
+
     Args:
       cell: an ``nnx.Module`` called as ``cell(z, x)`` and returning a ``z``-shaped output.
       solver: forward solver (default :class:`deq.Anderson`).
