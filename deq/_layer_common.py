@@ -131,7 +131,8 @@ def stateful_error(layer: str, what: str, where: str, reason: str) -> ValueError
     )
 
 
-def validate(layer: str, *, solver, adjoint, max_steps, z_init, jac_reg_samples) -> None:
+def validate(layer: str, *, solver, adjoint, max_steps, z_init, jac_reg_samples,
+             jac_reg_batch=None, batched=True) -> None:
     """Check the layer options up front, so mistakes surface at construction."""
     if solver is not None and not isinstance(solver, ForwardSolver):
         raise TypeError(
@@ -157,6 +158,15 @@ def validate(layer: str, *, solver, adjoint, max_steps, z_init, jac_reg_samples)
             f"{layer}: jac_reg_samples must be an int >= 0 (0 disables the Jacobian "
             f"penalty), got {jac_reg_samples!r}."
         )
+    if jac_reg_batch is not None:
+        if isinstance(jac_reg_batch, bool) or not isinstance(jac_reg_batch, int) or (
+            jac_reg_batch < 1
+        ):
+            raise ValueError(
+                f"{layer}: jac_reg_batch must be a positive int or None, got {jac_reg_batch!r}."
+            )
+        if not batched:
+            raise ValueError(f"{layer}: jac_reg_batch needs batched=True (a batch to subsample).")
 
 
 def initial_state(
@@ -221,10 +231,19 @@ def solve(
     return sol.value, LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats))
 
 
-def jacobian_penalty(fn: Callable, z: Any, args: Any, key: jax.Array, num_samples: int):
+def jacobian_penalty(fn: Callable, z: Any, cell_state: Any, x: jax.Array, key: jax.Array,
+                     num_samples: int, sub_batch: int | None = None):
     """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021).
 
-    Returned in float32 whatever the model's dtype, so that the stored value keeps one dtype.
+    ``fn(z, (cell_state, x))`` is the cell. With ``sub_batch``, only the first ``sub_batch``
+    samples are used: the estimate is a per-sample mean, so this is still unbiased, and its
+    second-order backward pass (the costly part) shrinks with the batch. Returned in float32
+    whatever the model's dtype, so that the stored value keeps one dtype.
     """
-    penalty = jacobian_regularization(fn, jax.lax.stop_gradient(z), args, key, num_samples)
+    if sub_batch is not None:
+        z = jax.tree_util.tree_map(lambda a: a[:sub_batch], z)
+        x = x[:sub_batch]
+    penalty = jacobian_regularization(
+        fn, jax.lax.stop_gradient(z), (cell_state, x), key, num_samples
+    )
     return penalty.astype(jnp.float32)

@@ -76,6 +76,8 @@ class DEQ(nn.Module):
         when it has converged. Set False for an unbatched ``x`` (e.g. under ``vmap``).
       precision: matmul precision inside the solves (e.g. ``"highest"``).
       jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
+      jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
+        batch (still unbiased; its second-order backward pass is the expensive part).
 
     Example usage::
 
@@ -116,11 +118,13 @@ class DEQ(nn.Module):
     batched: bool = True
     precision: str | jax.lax.Precision | None = None
     jac_reg_samples: int = 0
+    jac_reg_batch: int | None = None
 
     def __post_init__(self):
         common.validate(_NAME, solver=self.solver, adjoint=self.adjoint,
                         max_steps=self.max_steps, z_init=self.z_init,
-                        jac_reg_samples=self.jac_reg_samples)
+                        jac_reg_samples=self.jac_reg_samples,
+                        jac_reg_batch=self.jac_reg_batch, batched=self.batched)
         if not isinstance(self.cell, nn.Module):
             raise TypeError(
                 f"{_NAME}: cell must be a flax.linen Module, got {type(self.cell).__name__}."
@@ -186,8 +190,8 @@ class DEQ(nn.Module):
         if (self.jac_reg_samples and self.is_mutable_collection("losses")
                 and not self.is_initializing()):
             key = self.make_rng("jac_reg")
-            self.sow("losses", "jac_reg",
-                     common.jacobian_penalty(fn, z, (params, x), key, self.jac_reg_samples))
+            self.sow("losses", "jac_reg", common.jacobian_penalty(
+                fn, z, params, x, key, self.jac_reg_samples, self.jac_reg_batch))
         return z
 
 

@@ -98,6 +98,8 @@ class DEQ(nnx.Module):
       precision: matmul precision inside the solves (e.g. ``"highest"``), see
         :func:`deq.fixed_point`.
       jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
+      jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
+        batch (still unbiased; its second-order backward pass is the expensive part).
       deterministic: if True, skip the (random) Jacobian penalty; ``model.eval()`` and
         ``model.train()`` set it.
       rngs: required when ``jac_reg_samples > 0``; its ``jac_reg`` stream (or default stream)
@@ -143,13 +145,15 @@ class DEQ(nnx.Module):
         batched: bool = True,
         precision: str | jax.lax.Precision | None = None,
         jac_reg_samples: int = 0,
+        jac_reg_batch: int | None = None,
         deterministic: bool = False,
         rngs: nnx.Rngs | None = None,
     ):
         if not isinstance(cell, nnx.Module):
             raise TypeError(f"{_NAME}: cell must be an nnx.Module, got {type(cell).__name__}.")
         common.validate(_NAME, solver=solver, adjoint=adjoint, max_steps=max_steps, z_init=z_init,
-                        jac_reg_samples=jac_reg_samples)
+                        jac_reg_samples=jac_reg_samples, jac_reg_batch=jac_reg_batch,
+                        batched=batched)
         if isinstance(z_init, str) and z_init != "zeros" and not callable(
             getattr(cell, z_init, None)
         ):
@@ -165,6 +169,7 @@ class DEQ(nnx.Module):
         self.batched = batched
         self.precision = precision
         self.jac_reg_samples = jac_reg_samples
+        self.jac_reg_batch = jac_reg_batch
         self.deterministic = deterministic
         # Fixed shapes and dtypes from the start: a jitted function sees the same input
         # structure before and after the first call, and compiles once.
@@ -224,7 +229,8 @@ class DEQ(nnx.Module):
         if self.jac_reg_samples and not self.deterministic:
             key = self._key(rngs)
             self.jac_loss.set_value(
-                common.jacobian_penalty(fn, z, (state, x), key, self.jac_reg_samples)
+                common.jacobian_penalty(fn, z, state, x, key, self.jac_reg_samples,
+                                        self.jac_reg_batch)
             )
         else:
             self.jac_loss.set_value(jnp.zeros((), jnp.float32))

@@ -284,6 +284,8 @@ def test_options_are_validated_at_construction():
         deq.linen.DEQ(cell=cell, max_steps=0)
     with pytest.raises(TypeError, match="adjoint"):
         deq.linen.DEQ(cell=cell, adjoint=deq.Anderson())
+    with pytest.raises(ValueError, match="jac_reg_batch"):
+        deq.linen.DEQ(cell=cell, jac_reg_batch=0)
     with pytest.raises(TypeError, match="flax.linen Module"):
         deq.linen.DEQ(cell=lambda z, x: z)
     with pytest.raises(AttributeError, match="no method"):

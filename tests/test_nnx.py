@@ -197,12 +197,15 @@ def test_cell_replaced_after_construction_is_checked_at_call():
 
 
 def test_jacobian_penalty_is_stored_differentiable_and_off_in_eval():
-    layer, x, _ = _mlp_layer(jac_reg_samples=2, rngs=nnx.Rngs(3))
+    # jac_reg_batch=1: the penalty is taken on the first sample of the batch only.
+    layer, x, _ = _mlp_layer(jac_reg_samples=2, jac_reg_batch=1, rngs=nnx.Rngs(3))
     key = jax.random.key(7)
     z = nnx.jit(lambda m, x, key: m(x, rngs=key))(layer, x, key)
     graphdef, state = nnx.split(layer.cell)
     fn = lambda z, a: nnx.merge(graphdef, a[0])(z, a[1])
-    expected = jax.jit(lambda z, a: jacobian_regularization(fn, z, a, key, 2))(z, (state, x))
+    expected = jax.jit(lambda z, a: jacobian_regularization(fn, z, a, key, 2))(
+        z[:1], (state, x[:1])
+    )
     np.testing.assert_allclose(layer.jac_loss[...], expected, rtol=1e-5)
 
     @nnx.jit
@@ -251,5 +254,7 @@ def test_options_are_validated_at_construction():
         deq.nnx.DEQ(cell, solver=deq.ImplicitAdjoint())
     with pytest.raises(ValueError, match="jac_reg_samples"):
         deq.nnx.DEQ(cell, jac_reg_samples=-1)
+    with pytest.raises(ValueError, match="jac_reg_batch needs batched=True"):
+        deq.nnx.DEQ(cell, jac_reg_samples=1, jac_reg_batch=1, batched=False, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="nnx.Module"):
         deq.nnx.DEQ(lambda z, x: z)
