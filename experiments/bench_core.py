@@ -32,6 +32,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -81,6 +82,7 @@ class Config:
     phantom_forwards: tuple[str, ...] = ("iteration", "anderson")
     flat_forwards: tuple[str, ...] = ("iteration", "anderson")
     peers: bool = True
+    conv_vjp: str = "jax"  # see ``conv_vjp_mode``
     note: str = ""  # free text saved with the results (e.g. "machine shared with other jobs")
 
 
@@ -93,9 +95,59 @@ QUICK = Config(batch=2, channels=4, size=8, repeats=2, unroll_steps=(8, 16),
 # The cell
 
 
+def _conv(x, w):
+    dn = ("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+
+
+@jax.custom_vjp
+def _conv_hwio_vjp(x, w):
+    return _conv(x, w)
+
+
+def _conv_hwio_fwd(x, w):
+    return _conv(x, w), (x, w)
+
+
+def _conv_hwio_bwd(res, g):
+    x, w = res
+    # The input cotangent of a stride-1 SAME conv with an odd kernel is the conv of g with the
+    # spatially flipped kernel, in/out swapped; written out in HWIO form (see ``conv``).
+    gx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+    (gw,) = jax.vjp(lambda w_: _conv(x, w_), w)[1](g)
+    return gx, gw
+
+
+_conv_hwio_vjp.defvjp(_conv_hwio_fwd, _conv_hwio_bwd)
+
+CONV_VJP_MODES = ("jax", "hwio")
+_conv_vjp = ["jax"]  # read at trace time; set with ``conv_vjp_mode``
+
+
+@contextlib.contextmanager
+def conv_vjp_mode(mode: str):
+    """Choose how the cell's convolutions are differentiated while tracing inside the block.
+
+    ``"jax"``: JAX's own transpose rule. ``"hwio"``: a custom VJP whose input cotangent is a
+    conv with an explicitly flipped and transposed (HWIO) kernel. Same mathematics; it exists
+    because XLA:CPU runs JAX's transposed conv (kernel layout ``01oi``) about 10-15x slower
+    than a plain conv when it sits inside a ``while``/``scan`` body (in straight-line code
+    XLA inserts a kernel transpose and the slow path is not taken). Every implicit adjoint
+    loop and every unrolled backward hits that path, whatever the library.
+    """
+    if mode not in CONV_VJP_MODES:
+        raise ValueError(f"conv_vjp must be one of {CONV_VJP_MODES}, got {mode!r}")
+    prev = _conv_vjp[0]
+    _conv_vjp[0] = mode
+    try:
+        yield
+    finally:
+        _conv_vjp[0] = prev
+
+
 def conv(x, w, b):
-    """SAME-padded stride-1 convolution, NHWC activations, HWIO kernels."""
-    y = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    """SAME-padded stride-1 convolution, NHWC activations, HWIO kernels (odd kernel sizes)."""
+    y = _conv_hwio_vjp(x, w) if _conv_vjp[0] == "hwio" else _conv(x, w)
     return y + b
 
 
@@ -343,24 +395,6 @@ def compile_step(fn: Callable, *args):
     return compiled, secs, (None if temp is None else int(temp))
 
 
-def time_call(fn: Callable, args: tuple, repeats: int, warmup: int = 1):
-    """Median wall time (s) of ``fn(*args)`` over ``repeats`` calls after ``warmup`` calls.
-
-    Returns ``(median, all_times, first_output)``.
-    """
-    out = None
-    for _ in range(warmup):
-        out = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-        if out is None:
-            out = res
-    return statistics.median(times), times, out
-
-
 def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
 
@@ -390,19 +424,20 @@ class StepRow:
     note: str = ""
 
 
-def measure_step(row: StepRow, solve: SolveFn, problem: Problem, repeats: int,
-                 grad_ref=None) -> StepRow:
-    """Compile, time and check one training step; fills ``row`` in place."""
+def prepare_step(row: StepRow, solve: SolveFn, problem: Problem, grad_ref=None):
+    """Compile one training step, run it once and record what it reports (not its time).
+
+    Fills ``row`` in place; returns ``(compiled, args)`` for :func:`time_interleaved`, or
+    ``None`` if the step failed to build or run (the reason goes to ``row.note``).
+    """
     step = make_train_step(solve)
     args = (problem.params, deq.backward_stats_probe(), problem.x, problem.target)
     try:
         compiled, row.compile_s, row.temp_bytes = compile_step(step, *args)
-        med, times, ((loss, info), (grads, probe_ct)) = time_call(compiled, args, repeats)
+        (loss, info), (grads, probe_ct) = jax.block_until_ready(compiled(*args))
     except Exception as e:  # a peer that fails must not kill the whole benchmark
         row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        return row
-    row.time_ms = 1e3 * med
-    row.times_ms = [1e3 * t for t in times]
+        return None
     row.loss = float(loss)
     row.fwd_steps = int(info["steps"])
     if row.backward.startswith("ImplicitAdjoint") and row.group == "deq":
@@ -414,7 +449,23 @@ def measure_step(row: StepRow, solve: SolveFn, problem: Problem, repeats: int,
         row.note = (row.note + " forward solve did not meet its tolerance").strip()
     if grad_ref is not None:
         row.grad_rel_diff = grad_rel_diff(grads, grad_ref)
-    return row
+    return compiled, args
+
+
+def time_interleaved(calls: list[tuple[Callable, tuple]], repeats: int) -> list[list[float]]:
+    """Wall times (s) of each ``fn(*args)``, measured round-robin, ``repeats`` rounds.
+
+    Round-robin rather than one function after the other, so that a change in background
+    load (a shared machine) hits every method alike and their ratios stay meaningful.
+    Every function must have been called once already (compiled and warm).
+    """
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, (fn, args) in enumerate(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[i].append(time.perf_counter() - t0)
+    return times
 
 
 def machine_info() -> dict:
@@ -489,7 +540,8 @@ def _peers_available() -> dict[str, str | None]:
 
 def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Run every measurement of the module docs; returns a JSON-able dict."""
-    with jax.default_matmul_precision(PRECISION), warnings.catch_warnings():
+    with (jax.default_matmul_precision(PRECISION), conv_vjp_mode(cfg.conv_vjp),
+          warnings.catch_warnings()):
         # Backward-solve warnings are reported in the tables (gradient error), not on stderr.
         warnings.simplefilter("ignore", RuntimeWarning)
         return _run(cfg, log)
@@ -502,7 +554,7 @@ def _run(cfg: Config, log) -> dict:
     log(f"machine: {machine['cpu']} ({machine['cores']} cores), device "
         f"{machine['device_kind']}, jax {machine['jax']}")
     log(f"config: batch {cfg.batch}, {cfg.channels} channels, {cfg.size}x{cfg.size}, "
-        f"repeats {cfg.repeats}, forward max_steps {cfg.max_steps}")
+        f"repeats {cfg.repeats}, forward max_steps {cfg.max_steps}, conv VJP {cfg.conv_vjp}")
 
     # Calibrate the kernel scale, then fix the problem.
     if cfg.scale is None:
@@ -514,17 +566,20 @@ def _run(cfg: Config, log) -> dict:
     args = (problem.params, deq.backward_stats_probe(), problem.x, problem.target)
 
     # 1. Forward solvers.
-    forward_rows = []
+    forward_rows, forward_calls = [], []
     for name in ("iteration", "damped", "anderson", "broyden"):
         fwd = make_forward(forward_solver(name), cfg.max_steps)
         compiled, csecs, _ = compile_step(fwd, problem.params, problem.x)
-        med, _, (_, st) = time_call(compiled, (problem.params, problem.x), cfg.repeats)
-        row = {
+        _, st = jax.block_until_ready(compiled(problem.params, problem.x))
+        forward_rows.append({
             "solver": FORWARD_LABELS[name], "key": name, "steps": int(st.num_steps),
             "rel_residual": float(st.rel_residual), "result": deq.RESULTS.describe(st.result),
-            "time_ms": 1e3 * med, "compile_s": csecs,
-        }
-        forward_rows.append(row)
+            "compile_s": csecs,
+        })
+        forward_calls.append((compiled, (problem.params, problem.x)))
+    for row, times in zip(forward_rows, time_interleaved(forward_calls, cfg.repeats),
+                          strict=True):
+        row["time_ms"] = 1e3 * statistics.median(times)
         log(f"[forward] {row['solver']:<36} steps {row['steps']:>4}  rel {row['rel_residual']:.2e}"
             f"  {row['result']:<10} {row['time_ms']:8.1f} ms")
     base = forward_rows[0]["steps"]
@@ -551,12 +606,15 @@ def _run(cfg: Config, log) -> dict:
     log(f"peer tolerances (absolute, L2 over the batch): forward {fwd_tol:.3e}, "
         f"backward {bwd_tol:.3e}")
 
+    timed: list[tuple[StepRow, Callable, tuple]] = []
+
     def run_row(row, solve):
-        measure_step(row, solve, problem, cfg.repeats, grad_ref)
+        prepared = prepare_step(row, solve, problem, grad_ref)
+        if prepared is not None:
+            timed.append((row, *prepared))
         mem = "-" if row.temp_bytes is None else f"{row.temp_bytes / 2**20:9.1f} MiB"
-        t = "failed" if row.time_ms is None else f"{row.time_ms:8.1f} ms"
         gd = "-" if row.grad_rel_diff is None else f"{row.grad_rel_diff:.1e}"
-        log(f"[step] {row.name:<58} {t}  {mem}  steps fwd {row.fwd_steps} bwd "
+        log(f"[step] {row.name:<58} {mem}  steps fwd {row.fwd_steps} bwd "
             f"{'-' if row.bwd_steps is None else row.bwd_steps}  grad diff {gd}  {row.note}")
         return row
 
@@ -646,6 +704,14 @@ def _run(cfg: Config, log) -> dict:
     else:
         log(f"[peers] optimistix {missing['optimistix']}")
 
+    # Time every step, round-robin.
+    log(f"timing {len(timed)} steps, {cfg.repeats} interleaved rounds ...")
+    times = time_interleaved([(fn, a) for _, fn, a in timed], cfg.repeats)
+    for (row, _, _), ts in zip(timed, times, strict=True):
+        row.time_ms = 1e3 * statistics.median(ts)
+        row.times_ms = [1e3 * t for t in ts]
+        log(f"[time] {row.name:<58} {row.time_ms:9.1f} ms")
+
     # 5. Ratios.
     ratios = compute_ratios(step_rows)
     result = {
@@ -703,6 +769,13 @@ def compute_ratios(rows: list[StepRow]) -> dict:
 # Reports
 
 
+CONV_VJP_NOTE = (
+    " (the cell's convs carry a custom VJP with an explicit HWIO kernel for the input "
+    "cotangent: same gradient, avoids XLA:CPU's slow transposed conv inside loops; applies to "
+    "every library alike)"
+)
+
+
 def _mib(b) -> str:
     if b is None:
         return "-"
@@ -725,15 +798,17 @@ def to_markdown(res: dict) -> str:
         "",
         f"Cell `z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`, batch {c['batch']}, "
         f"{c['channels']} channels, {c['size']}x{c['size']} images (NHWC), float32, matmul "
-        f"precision '{PRECISION}'. Recurrent kernel scale {res['calibration']['scale']:.4f} "
+        f"precision '{PRECISION}', conv VJP '{c.get('conv_vjp', 'jax')}'"
+        f"{CONV_VJP_NOTE if c.get('conv_vjp') == 'hwio' else ''}. Recurrent kernel scale "
+        f"{res['calibration']['scale']:.4f} "
         f"(calibrated to {res['calibration']['target_steps']} plain-iteration steps). Relative "
         f"tolerance {RTOL:g} per sample (deq); peers: absolute L2 tolerances "
         f"{res['tolerance']['peer_forward_atol']:.3e} (forward) and "
         f"{res['tolerance']['peer_backward_atol']:.3e} (backward) = {RTOL:g} x the batch norm. "
         f"Forward budget {c['max_steps']} steps. Times: median of {c['repeats']} jitted calls "
-        f"after one warm-up; memory: XLA's compiled temporary buffers. Load average (1, 5, 15 "
-        f"min) at start {m.get('load_average_at_start')}, at end {res.get('load_average_at_end')}"
-        f" ({m['cores']} cores).",
+        f"after one warm-up, all methods timed round-robin; memory: XLA's compiled temporary "
+        f"buffers. Load average (1, 5, 15 min) at start {m.get('load_average_at_start')}, "
+        f"at end {res.get('load_average_at_end')} ({m['cores']} cores).",
         "",
     ]
     if res.get("note"):
@@ -822,6 +897,8 @@ def save(res: dict, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     c = res["config"]
     stem = f"bench_core_{res['machine']['platform']}_b{c['batch']}_c{c['channels']}_s{c['size']}"
+    if c.get("conv_vjp", "jax") != "jax":
+        stem += f"_{c['conv_vjp']}"
     md, js = out / f"{stem}.md", out / f"{stem}.json"
     md.write_text(to_markdown(res))
     js.write_text(json.dumps(res, indent=1, default=str))
@@ -843,6 +920,9 @@ def parse_args(argv=None) -> tuple[Config, Path]:
     p.add_argument("--unroll", type=int, nargs="+", default=None,
                    help=f"unrolled depths (default {' '.join(map(str, d.unroll_steps))})")
     p.add_argument("--no-peers", action="store_true", help="skip jaxopt and optimistix")
+    p.add_argument("--conv-vjp", choices=CONV_VJP_MODES, default=None,
+                   help="how the cell's convs are differentiated (default jax; hwio avoids a "
+                        "slow XLA:CPU path, see conv_vjp_mode)")
     p.add_argument("--note", default=None, help="free text saved with the results")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke configuration (batch 2, 4 channels, 8x8, 2 repeats)")
@@ -854,6 +934,7 @@ def parse_args(argv=None) -> tuple[Config, Path]:
         "batch": a.batch, "channels": a.channels, "size": a.size, "repeats": a.repeats,
         "max_steps": a.max_steps, "scale": a.scale,
         "unroll_steps": None if a.unroll is None else tuple(a.unroll), "note": a.note,
+        "conv_vjp": a.conv_vjp,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if a.no_peers:

@@ -86,3 +86,18 @@ def test_quick_run_writes_markdown_and_json(quick_run):
 def test_peers_can_be_skipped(tmp_path):
     cfg, _ = bc.parse_args(["--quick", "--no-peers", "--out", str(tmp_path)])
     assert not cfg.peers and cfg.batch == bc.QUICK.batch
+
+
+def test_hwio_conv_vjp_matches_jax():
+    import jax
+
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 5, 5, 3))
+    w = jax.random.normal(kw, (3, 3, 3, 4))
+    g = jax.random.normal(kg, (2, 5, 5, 4))
+    with jax.default_matmul_precision("highest"):
+        ref = jax.vjp(lambda x, w: bc.conv(x, w, 0.0), x, w)[1](g)
+        with bc.conv_vjp_mode("hwio"):
+            got = jax.vjp(lambda x, w: bc.conv(x, w, 0.0), x, w)[1](g)
+    for a, b in zip(got, ref, strict=True):
+        assert jnp.allclose(a, b, rtol=1e-5, atol=1e-5)
