@@ -13,7 +13,6 @@ from flax import nnx
 
 import deq
 import deq.nnx
-import deq.regularization
 from deq.cells.nnx import MDEQCell, MLPCell
 
 SOLVERS = ("anderson", "broyden", "iteration")
@@ -59,17 +58,6 @@ def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False)
     return deq.ImplicitAdjoint(solver=solver, max_steps=a.max_steps)
 
 
-def _penalty(cell, z, x, key, samples):
-    graphdef, state = nnx.split(cell)
-
-    def fn(zz, args):
-        return nnx.merge(graphdef, args[0])(zz, args[1])
-
-    return deq.regularization.jacobian_regularization(
-        fn, jax.lax.stop_gradient(z), (state, x), key, samples
-    )
-
-
 class Classifier(nnx.Module):
     """stem -> DEQ(cell) -> pool -> linear head.
 
@@ -104,39 +92,24 @@ class Classifier(nnx.Module):
             )
         self.deq = deq.nnx.DEQ(
             cell, solver=solver, adjoint=make_adjoint(config, evaluation=evaluation),
-            max_steps=max_steps, z_init=m.z_init if m.z_init != "zeros" else "zeros",
+            max_steps=max_steps, z_init=m.z_init,
             precision=config.solver.precision or None,
+            # The penalty's estimator is a per-sample mean: a sub-batch (reg.jac_batch) keeps
+            # its second-order backward pass from dominating the step's memory.
+            jac_reg_samples=config.reg.jac_samples if config.reg.jac_weight > 0 else 0,
+            jac_reg_batch=config.reg.jac_batch or None,
             deterministic=evaluation, rngs=rngs,
         )
-        # The Jacobian penalty is computed here rather than by the layer so that it can use a
-        # sub-batch (reg.jac_batch): the estimator is a per-sample mean, and its second-order
-        # backward pass otherwise costs as much memory as the rest of the DEQ step.
-        self.jac_weight = 0.0 if evaluation else float(config.reg.jac_weight)
-        self.jac_samples = config.reg.jac_samples
-        self.jac_batch = config.reg.jac_batch
-        self.jac_loss = nnx.Variable(jnp.zeros(()))
         head_in = m.head_channels if (m.cell == "mdeq" and m.head_channels) else m.features
         self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
-
-    def _jacobian_penalty(self, z, x, key):
-        if not self.jac_weight:
-            return
-        if key is None:
-            raise ValueError("the Jacobian penalty needs a PRNG key: call model(x, key=...).")
-        n = self.jac_batch or z.shape[0]
-        self.jac_loss.set_value(_penalty(self.deq.cell, z[:n], x[:n], key, self.jac_samples))
 
     def __call__(self, images: jax.Array, *, probe: jax.Array | None = None,
                  key: jax.Array | None = None) -> jax.Array:
         if self.kind == "mlp":
             x = images.reshape(images.shape[0], -1)
-            z = self.deq(x, probe=probe)
-            self._jacobian_penalty(z, x, key)
-            return self.head(z)
+            return self.head(self.deq(x, probe=probe, rngs=key))
         x = jax.nn.relu(self.stem_norm(self.stem(images)))
-        z = self.deq(x, probe=probe)
-        self._jacobian_penalty(z, x, key)
-        z = self.out_norm(z)
+        z = self.out_norm(self.deq(x, probe=probe, rngs=key))
         if self.head_conv is not None:
             z = jax.nn.relu(self.head_conv(z))
         return self.head(jnp.mean(z, axis=(1, 2)))

@@ -200,7 +200,7 @@ def make_train_step(task: Task):
             model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            jac = model.jac_loss.get_value()
+            jac = model.deq.jac_loss.get_value()
             return ce + task.jac_weight * jac, (ce, jac, logits, model.deq.stats.get_value())
 
         probe = deq.backward_stats_probe()

@@ -141,3 +141,20 @@ def test_untrained_cells_are_contractive_enough_to_converge(name):
     nnx.jit(lambda m, x: m(x))(layer, randn(xs, 3))
     stats = layer.stats.get_value()
     assert bool(stats.converged), stats.summary()
+
+
+def test_conv2d_same_custom_vjp_matches_lax_conv():
+    """The CPU-friendly VJP of the cells' convolution gives JAX's own gradients."""
+    from jax.test_util import check_grads
+
+    from deq.cells._functional import _conv_nhwc, conv2d_same
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 3))
+        for ksize in (1, 3, 5):
+            k = jax.random.normal(jax.random.PRNGKey(ksize), (ksize, ksize, 3, 4))
+            check_grads(conv2d_same, (x, k), order=1, modes=["rev"])
+            g1 = jax.grad(lambda a, b: jnp.sum(jnp.sin(conv2d_same(a, b))), argnums=(0, 1))(x, k)
+            g2 = jax.grad(lambda a, b: jnp.sum(jnp.sin(_conv_nhwc(a, b))), argnums=(0, 1))(x, k)
+            for a, b in zip(g1, g2):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

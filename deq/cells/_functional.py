@@ -105,13 +105,15 @@ def _conv2d_same_bwd(res, g):
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
 
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)  # accumulate bf16 in f32, f64 in f64
+
     def offset(i, gk):
         dy, dx = i // kw, i % kw
         xs = jax.lax.dynamic_slice(xp, (0, dy, dx, 0), (n, h, w, cin))
-        blk = jnp.einsum("nhwi,nhwo->io", xs, g, preferred_element_type=jnp.float32)
+        blk = jnp.einsum("nhwi,nhwo->io", xs, g, preferred_element_type=acc)
         return jax.lax.dynamic_update_slice(gk, blk[None, None], (dy, dx, 0, 0))
 
-    gk = jax.lax.fori_loop(0, kh * kw, offset, jnp.zeros((kh, kw, cin, cout), jnp.float32))
+    gk = jax.lax.fori_loop(0, kh * kw, offset, jnp.zeros((kh, kw, cin, cout), acc))
     gk = gk.astype(kernel.dtype)
     return gx, gk
 
