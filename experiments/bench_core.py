@@ -111,10 +111,17 @@ def _conv_hwio_fwd(x, w):
 
 def _conv_hwio_bwd(res, g):
     x, w = res
-    # The input cotangent of a stride-1 SAME conv with an odd kernel is the conv of g with the
-    # spatially flipped kernel, in/out swapped; written out in HWIO form (see ``conv``).
+    kh, kw = w.shape[:2]
+    # Both cotangents as plain NHWC/HWIO convs (see ``conv_vjp_mode``). Input: conv of g with
+    # the spatially flipped kernel, in/out swapped (stride 1, SAME, odd kernel).
     gx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
-    (gw,) = jax.vjp(lambda w_: _conv(x, w_), w)[1](g)
+    # Kernel: dw[a, b, i, o] = sum_{n,h,v} xpad[n, h+a, v+b, i] g[n, h, v, o], i.e. a conv
+    # of x viewed as (Cin, H, W, N) with g viewed as an (H, W, N, Cout) kernel.
+    pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    gw = lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    ).transpose(1, 2, 0, 3)
     return gx, gw
 
 
@@ -128,12 +135,14 @@ _conv_vjp = ["jax"]  # read at trace time; set with ``conv_vjp_mode``
 def conv_vjp_mode(mode: str):
     """Choose how the cell's convolutions are differentiated while tracing inside the block.
 
-    ``"jax"``: JAX's own transpose rule. ``"hwio"``: a custom VJP whose input cotangent is a
-    conv with an explicitly flipped and transposed (HWIO) kernel. Same mathematics; it exists
-    because XLA:CPU runs JAX's transposed conv (kernel layout ``01oi``) about 10-15x slower
-    than a plain conv when it sits inside a ``while``/``scan`` body (in straight-line code
-    XLA inserts a kernel transpose and the slow path is not taken). Every implicit adjoint
-    loop and every unrolled backward hits that path, whatever the library.
+    ``"jax"``: JAX's own transpose rules. ``"hwio"``: a custom VJP that writes both cotangents
+    as plain NHWC/HWIO convolutions (flipped, transposed kernel for the input; transposed
+    activations for the kernel). Same mathematics; it exists because XLA:CPU runs the convs
+    JAX's transpose rules emit (dim labels ``b01f_01oi->b01f`` for the input cotangent,
+    ``f01b_i01o->01bf`` for the kernel) about 10-15x slower than a plain conv when they sit
+    inside a ``while``/``scan`` body; in straight-line code XLA inserts transposes and takes
+    the fast path. Every implicit adjoint loop (input cotangent) and every unrolled backward
+    (both) hits that path, whatever the library.
     """
     if mode not in CONV_VJP_MODES:
         raise ValueError(f"conv_vjp must be one of {CONV_VJP_MODES}, got {mode!r}")

@@ -1,6 +1,7 @@
 """Smoke test of experiments/bench_core.py: the --quick path end to end at a tiny size.
 
-No timing assertions: only that every section is measured and written out.
+No timing assertions: only that every section is measured and written out. The end-to-end
+run compiles ~25 small step functions (30-90 s on 2 cores), so it is marked slow.
 """
 
 import json
@@ -29,6 +30,7 @@ def test_cell_is_a_contraction_at_the_calibrated_scale():
     assert fz.shape == z.shape
 
 
+@pytest.mark.slow
 def test_quick_run_writes_markdown_and_json(quick_run):
     res, out = quick_run
     mds, jss = sorted(out.glob("bench_core_*.md")), sorted(out.glob("bench_core_*.json"))
@@ -88,13 +90,14 @@ def test_peers_can_be_skipped(tmp_path):
     assert not cfg.peers and cfg.batch == bc.QUICK.batch
 
 
-def test_hwio_conv_vjp_matches_jax():
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_hwio_conv_vjp_matches_jax(k):
     import jax
 
     kx, kw, kg = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(kx, (2, 5, 5, 3))
-    w = jax.random.normal(kw, (3, 3, 3, 4))
-    g = jax.random.normal(kg, (2, 5, 5, 4))
+    x = jax.random.normal(kx, (2, 6, 5, 3))
+    w = jax.random.normal(kw, (k, k, 3, 4))
+    g = jax.random.normal(kg, (2, 6, 5, 4))
     with jax.default_matmul_precision("highest"):
         ref = jax.vjp(lambda x, w: bc.conv(x, w, 0.0), x, w)[1](g)
         with bc.conv_vjp_mode("hwio"):
