@@ -935,8 +935,8 @@ def parse_args(argv=None) -> tuple[Config, Path]:
     p.add_argument("--note", default=None, help="free text saved with the results")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke configuration (batch 2, 4 channels, 8x8, 2 repeats)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                   help="output directory (default benchmarks/results)")
+    p.add_argument("--out", type=Path, default=Path("experiments/results/bench_core"),
+                   help="output directory (default experiments/results/bench_core)")
     a = p.parse_args(argv)
     cfg = QUICK if a.quick else d
     overrides = {

@@ -34,7 +34,9 @@ def _loss(fn, z0, solver, adjoint, max_steps=300):
         # A fixed random weighting so every entry of z matters.
         leaves = jax.tree_util.tree_leaves(z)
         return sum(jnp.sum(jnp.sin(3.0 * leaf + i)) for i, leaf in enumerate(leaves))
-    return loss
+    # Jitted: an eager fixed_point call compiles its loops on every call, and finite
+    # differences call the loss many times.
+    return jax.jit(loss)
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -278,7 +280,7 @@ def test_closed_over_parameters_get_correct_gradients(x64):
     g1, g2 = jax.grad(closure_loss)(w), jax.grad(explicit_loss)(w)
     np.testing.assert_allclose(g1, g2, rtol=1e-10)
     assert float(jnp.abs(g1).max()) > 1e-3  # not the silent zero gradient of jaxopt #31
-    check_grads(closure_loss, (w,), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+    check_grads(jax.jit(closure_loss), (w,), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_integer_and_static_args_are_allowed(x64):
@@ -360,7 +362,7 @@ def test_backward_non_convergence_is_detectable_never_silent(x64):
 
 def test_precision_option_runs_and_converges():
     fn, z0, args = conv_cell()
-    sol = deq.fixed_point(fn, z0, args, precision="highest", batched=True)
+    sol = jax.jit(lambda a: deq.fixed_point(fn, z0, a, precision="highest", batched=True))(args)
     assert bool(sol.stats.converged)
 
 
@@ -370,6 +372,6 @@ def test_gradient_w_r_t_z0_is_zero_and_args_get_gradients():
     def loss(z0, args):
         return deq.fixed_point(fn, z0, args).value.sum()
 
-    gz0, gargs = jax.grad(loss, argnums=(0, 1))(z0 + 0.1, args)
+    gz0, gargs = jax.jit(jax.grad(loss, argnums=(0, 1)))(z0 + 0.1, args)
     assert float(jnp.abs(gz0).max()) == 0.0
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(gargs))
