@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory, tfds_dir):
+    """One finished smoke run of the DEQ and of its unrolled baseline, shared by the tests
+    that only read them (or copy them before changing anything)."""
+    root = tmp_path_factory.mktemp("smoke_runs")
+    train.train_and_evaluate(smoke_config(tfds_dir), root / "smoke")
+    unrolled = smoke_config(tfds_dir, **{"mode": "unrolled", "solver.name": "iteration",
+                                         "name": "smoke_unrolled"})
+    train.train_and_evaluate(unrolled, root / "smoke_unrolled")
+    return root
 
 
 def smoke_config(tfds_dir, **overrides):
@@ -43,8 +56,9 @@ def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_smoke_run_end_to_end(tmp_path, tfds_dir):
-    summary = train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
+def test_smoke_run_end_to_end(smoke_runs):
+    tmp_path = smoke_runs / "smoke"
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_step"] == summary["total_steps"] == 12
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert summary["train_step_temp_bytes"] is not None
@@ -119,26 +133,22 @@ def test_resume_after_kill_9(tmp_path, tfds_dir):
     assert steps == sorted(set(steps)) and steps[-1] <= killed_at + 1
 
 
-def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path, tfds_dir):
-    config = smoke_config(tfds_dir, **{"train.num_epochs": 1})
-    train.train_and_evaluate(config, tmp_path)
-    step_dir = tmp_path / "checkpoints" / "6"
+def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path, tfds_dir, smoke_runs):
+    shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
+    step_dir = tmp_path / "checkpoints" / "12"
     for f in step_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
     before = sorted(p.name for p in step_dir.rglob("*"))
-    config2 = smoke_config(tfds_dir, **{"train.num_epochs": 1})
-    with pytest.raises(train.CheckpointError, match="cannot restore the checkpoint of step 6"):
-        train.train_and_evaluate(config2, tmp_path)
+    with pytest.raises(train.CheckpointError, match="cannot restore the checkpoint of step 12"):
+        train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
     assert sorted(p.name for p in step_dir.rglob("*")) == before
 
 
-def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir):
-    train.train_and_evaluate(smoke_config(tfds_dir, **{"train.num_epochs": 1}), tmp_path)
+def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir, smoke_runs):
+    shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
     with pytest.raises(ValueError, match="model.features: 16 -> 32"):
-        train.train_and_evaluate(
-            smoke_config(tfds_dir, **{"train.num_epochs": 1, "model.features": 32}), tmp_path
-        )
+        train.train_and_evaluate(smoke_config(tfds_dir, **{"model.features": 32}), tmp_path)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -237,18 +247,11 @@ def test_sharded_run_on_8_cpu_devices_matches_single_device(tmp_path, tfds_dir):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_compare_writes_table_and_plots(tmp_path, tfds_dir):
-    overrides = [f"data.tfds_dir={tfds_dir}", "train.num_epochs=1"]
-    deq_cfg = load_config(str(ROOT / "configs" / "smoke.py"), overrides)
-    unrolled = load_config(str(ROOT / "configs" / "smoke.py"),
-                           overrides + ["mode=unrolled", "solver.name=iteration"])
-    unrolled.name = "smoke_unrolled"
-    train.train_and_evaluate(deq_cfg, tmp_path / "smoke")
-    train.train_and_evaluate(unrolled, tmp_path / "smoke_unrolled")
-    table = compare.compare([tmp_path / "smoke", tmp_path / "smoke_unrolled"], tmp_path / "cmp")
+def test_compare_writes_table_and_plots(tmp_path, smoke_runs):
+    table = compare.compare([smoke_runs / "smoke", smoke_runs / "smoke_unrolled"], tmp_path)
     assert "| smoke | deq |" in table and "| smoke_unrolled | unrolled |" in table
     assert "Machine:" in table
     for f in ("comparison.md", "comparison.json", "comparison.png", "memory.png"):
-        assert (tmp_path / "cmp" / f).stat().st_size > 0
+        assert (tmp_path / f).stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         compare.summarize(tmp_path / "missing")

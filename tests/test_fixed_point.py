@@ -81,8 +81,16 @@ def test_implicit_gradient_matches_long_unrolled_run(x64, problem, solver, adj_s
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("problem", sorted(PROBLEMS))
-@pytest.mark.parametrize("adj_solver", sorted(ADJOINT_SOLVERS))
+def _fd_cases():
+    """Every adjoint solver on the dense problem; the others with Anderson in CI (slow: rest)."""
+    for problem in sorted(PROBLEMS):
+        for adj in sorted(ADJOINT_SOLVERS):
+            full = problem == "dense_tanh" or adj == "anderson"
+            yield pytest.param(problem, adj, marks=() if full else (pytest.mark.slow,),
+                               id=f"{problem}-{adj}")
+
+
+@pytest.mark.parametrize("problem,adj_solver", list(_fd_cases()))
 def test_implicit_gradient_matches_finite_differences(x64, problem, adj_solver):
     fn, z0, args = PROBLEMS[problem]()
     adjoint = deq.ImplicitAdjoint(solver=ADJOINT_SOLVERS[adj_solver], max_steps=300)
