@@ -175,7 +175,8 @@ class Broyden(ForwardSolver):
     Keeps a low-rank approximation :math:`B^{-1} \approx -I + \sum_i u_i v_i^\top` of the
     inverse Jacobian of :math:`g` and steps :math:`z_{k+1} = z_k - B^{-1} g(z_k)`. The first
     step is a plain iteration step. Updates whose denominator is too small to be trusted are
-    skipped; when ``memory`` updates are stored the oldest is overwritten.
+    skipped; when ``memory`` updates are stored the approximation restarts from
+    :math:`-I` (a restarted limited-memory Broyden).
 
     Args:
       memory: number of rank-one updates kept, >= 1.
@@ -211,6 +212,12 @@ class Broyden(ForwardSolver):
 
     def update(self, z, fz, state):
         us, vs, z_prev, g_prev, count, started = state
+        # Memory full: restart from B^{-1} = -I. Overwriting the oldest update instead would
+        # break the secant conditions that every later update was built on (seen to stall).
+        full = count >= self.memory
+        us = jnp.where(full, 0.0, us)
+        vs = jnp.where(full, 0.0, vs)
+        count = jnp.where(full, 0, count)
         g = fz - z
         dx = z - z_prev
         dg = g - g_prev

@@ -383,3 +383,22 @@ def test_gradient_w_r_t_z0_is_zero_and_args_get_gradients():
     gz0, gargs = jax.jit(jax.grad(loss, argnums=(0, 1)))(z0 + 0.1, args)
     assert float(jnp.abs(gz0).max()) == 0.0
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(gargs))
+
+
+def test_limited_memory_broyden_restarts_instead_of_stalling(x64):
+    # A symmetric linear contraction (rho = 0.95) needs far more steps than the memory:
+    # overwriting old rank-one updates used to stall here; restarting converges.
+    m = jax.random.normal(jax.random.PRNGKey(0), (60, 60))
+    s = (m + m.T) / 2
+    a = 0.95 * s / jnp.max(jnp.abs(jnp.linalg.eigvalsh(s)))
+
+    def fn(z, b):
+        return a @ z + b
+
+    st = deq.fixed_point(fn, jnp.zeros(60), jnp.ones(60),
+                         solver=deq.Broyden(memory=5, rtol=1e-8, atol=0.0), max_steps=400).stats
+    plain = deq.fixed_point(fn, jnp.zeros(60), jnp.ones(60),
+                            solver=deq.FixedPointIteration(rtol=1e-8, atol=0.0),
+                            max_steps=400).stats
+    assert bool(st.converged), st.summary()
+    assert int(st.num_steps) < int(plain.num_steps)
