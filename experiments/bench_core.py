@@ -54,6 +54,7 @@ import numpy as np
 from jax import lax
 
 import deq
+from deq.cells import conv2d_same
 
 PRECISION = "highest"
 RTOL = 1e-4
@@ -100,32 +101,10 @@ def _conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
 
 
-@jax.custom_vjp
-def _conv_hwio_vjp(x, w):
-    return _conv(x, w)
-
-
-def _conv_hwio_fwd(x, w):
-    return _conv(x, w), (x, w)
-
-
-def _conv_hwio_bwd(res, g):
-    x, w = res
-    kh, kw = w.shape[:2]
-    # Both cotangents as plain NHWC/HWIO convs (see ``conv_vjp_mode``). Input: conv of g with
-    # the spatially flipped kernel, in/out swapped (stride 1, SAME, odd kernel).
-    gx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
-    # Kernel: dw[a, b, i, o] = sum_{n,h,v} xpad[n, h+a, v+b, i] g[n, h, v, o], i.e. a conv
-    # of x viewed as (Cin, H, W, N) with g viewed as an (H, W, N, Cout) kernel.
-    pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    gw = lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    ).transpose(1, 2, 0, 3)
-    return gx, gw
-
-
-_conv_hwio_vjp.defvjp(_conv_hwio_fwd, _conv_hwio_bwd)
+# "hwio" mode: the library's conv2d_same (deq.cells), whose custom VJP writes the input
+# cotangent as a plain conv with the flipped HWIO kernel and the kernel cotangent as per-offset
+# matmuls, sidestepping XLA:CPU's slow transposed/backward-filter convs inside loops.
+_conv_hwio_vjp = conv2d_same
 
 CONV_VJP_MODES = ("jax", "hwio")
 _conv_vjp = ["jax"]  # read at trace time; set with ``conv_vjp_mode``

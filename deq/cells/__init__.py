@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx as _nnx
 
 from deq.cells import linen, nnx
+from deq.cells._functional import conv2d_same
 
 
 def to_linen_params(module: _nnx.Module) -> dict:
@@ -49,4 +50,4 @@ def load_linen_params(module: _nnx.Module, params: dict) -> None:
     _nnx.update(module, state)
 
 
-__all__ = ["load_linen_params", "linen", "nnx", "to_linen_params"]
+__all__ = ["conv2d_same", "linen", "load_linen_params", "nnx", "to_linen_params"]
