@@ -141,7 +141,7 @@ def plot(workdirs: list[Path], names: list[str], out: Path) -> list[Path]:
             if ys:
                 any_data = True
                 ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title(title if any_data else f"{title}: not reported on this backend")
+        ax.set_title(title if any_data else f"{title}\n(not reported by this backend)", fontsize=10)
         ax.set_xlabel(xlabel)
         if "residual" in key and any_data:
             ax.set_yscale("log")
