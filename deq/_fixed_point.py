@@ -22,8 +22,12 @@ def _is_array_like(x) -> bool:
 def _check_structure(fn, z0, args):
     try:
         out = jax.eval_shape(fn, z0, args)
-    except Exception as e:  # re-raise with the context a user needs
-        raise type(e)(f"calling fn(z0, args) failed while checking its output: {e}") from e
+    except Exception as e:
+        # Keep the original exception (its type may need constructor arguments, e.g. JAX's
+        # tracer errors) and add the context a user needs where Python supports notes.
+        if hasattr(e, "add_note"):
+            e.add_note("deq.fixed_point: raised while calling fn(z0, args) to check its output.")
+        raise
     zs, zt = jax.tree_util.tree_flatten(z0)
     os_, ot = jax.tree_util.tree_flatten(out)
     if zt != ot:

@@ -435,7 +435,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     logger.info("%s", run_info)
 
     step = start_step
-    summary: dict[str, Any] = {}
     epoch_records = [r for r in read_metrics(workdir) if r.get("kind") == "epoch"]
     for epoch in range(start_step // steps_per_epoch, config.train.num_epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a restart

@@ -424,3 +424,13 @@ def test_anderson_and_broyden_within_60_percent_of_iteration_on_a_symmetric_cell
         steps[name] = int(st.num_steps)
     assert steps["anderson"] <= 0.6 * steps["iteration"], steps
     assert steps["broyden"] <= 0.6 * steps["iteration"], steps
+
+
+def test_errors_raised_by_fn_keep_their_type():
+    def fn(z, a):
+        if a > 0:  # Python control flow on a traced value: JAX's own error must come through
+            return z
+        return -z
+
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        deq.fixed_point(fn, jnp.zeros(2), jnp.ones(()))
