@@ -166,7 +166,9 @@ class ImplicitAdjoint(Adjoint):
             (~conv).astype(rdt), jnp.asarray(result, rdt),
         ])
         if self.on_failure == "warn":
-            jax.debug.callback(_warn_backward, conv)
+            # Only a failed solve reaches the host: no callback on the common path.
+            jax.lax.cond(jnp.all(conv), lambda: None,
+                         lambda: jax.debug.callback(_warn_backward, conv))
         return flat.unflatten(uf), vec
 
 
