@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.norm = True  # mlp: LayerNorm on the cell output
     config.model.stem_stride = 1  # mdeq: stride of the conv stem (2 halves the resolution)
     config.model.z_init = "zeros"  # 'zeros' or 'inject'
-    config.model.head_channels = 0  # mdeq: strided conv before pooling (0 = pool directly)
+    config.model.head_channels = 0  # mdeq: strided conv before the head (0 = none)
+    config.model.head = "pool"  # mdeq: 'pool' (global average) or 'flatten' (all positions)
 
     # The equilibrium layer: mode 'deq' (solve + implicit/phantom/JFB gradient) or 'unrolled'
     # (exactly solver.max_steps plain iterations, backprop through all of them).

@@ -13,6 +13,9 @@ def get_config():
     config.model.stem_stride = 2  # 28x28 -> 14x14
     config.model.z_init = "zeros"
     config.model.head_channels = 64
+    # The head sees every position of the 7x7x64 map: global average pooling (the default)
+    # threw away where the strokes are and capped both this DEQ and its baseline near 97.5%.
+    config.model.head = "flatten"
     config.solver.max_steps = 12
     config.solver.rtol = 1e-3
     config.solver.eval_max_steps = 30
@@ -26,7 +29,7 @@ def get_config():
     config.adjoint.max_steps = 25
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 200
-    config.train.num_epochs = 3
+    config.train.num_epochs = 8
     config.train.batch_size = 128
     config.train.log_every = 20
     config.train.checkpoint_every = 100

@@ -67,8 +67,8 @@ class BackwardStats(NamedTuple):
 
     Attributes:
       num_steps: iterations (or Krylov matrix-vector products) of the adjoint solve.
-      abs_residual: ``|u - g - J^T u|`` at the returned ``u``.
-      rel_residual: ``abs_residual / |u|``.
+      abs_residual: ``|u - g - J^T u|`` at the returned ``u`` (2-norm over the whole batch).
+      rel_residual: ``abs_residual / |u|`` (whole batch: what the parameter gradient sees).
       converged: whether the adjoint solve met its tolerance.
       result: :class:`RESULTS` code.
     """

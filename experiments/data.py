@@ -42,6 +42,7 @@ Pipeline (shared by both datasets):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -153,9 +154,32 @@ def prepare_builder(
             "to build it.\n" + MnistIdx.MANUAL_DOWNLOAD_INSTRUCTIONS
         )
     os.makedirs(tfds_dir, exist_ok=True)
-    logger.info("Building TFDS dataset %s into %s", builder.name, builder.data_dir)
-    builder.download_and_prepare(download_config=download_config, file_format="array_record")
+    # Two runs started together (a DEQ and its baseline) would both build the dataset and the
+    # second would fail renaming its copy into place: build under a lock, re-check after it.
+    with _build_lock(os.path.join(tfds_dir, f".{builder.name}.build.lock")):
+        builder = builder_cls(data_dir=tfds_dir, file_format="array_record")
+        if builder.is_prepared():
+            return builder
+        logger.info("Building TFDS dataset %s into %s", builder.name, builder.data_dir)
+        builder.download_and_prepare(download_config=download_config,
+                                     file_format="array_record")
     return builder
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+    """An exclusive inter-process lock (POSIX ``flock``; a no-op where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, the build is then not safe to run concurrently.
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_split(

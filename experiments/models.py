@@ -20,6 +20,7 @@ ADJOINTS = ("implicit", "phantom", "jfb")
 ADJOINT_SOLVERS = ("anderson", "iteration", "broyden", "gmres")
 MODES = ("deq", "unrolled")
 CELLS = ("mlp", "mdeq")
+HEADS = ("pool", "flatten")
 
 
 def make_solver(cfg: ml_collections.ConfigDict, *, mode: str, evaluation: bool = False):
@@ -63,8 +64,10 @@ class Classifier(nnx.Module):
 
     * ``cell='mlp'``: the image is flattened and injected into a fully connected cell.
     * ``cell='mdeq'``: a conv stem (optionally stride 2) maps the image to ``features``
-      channels, the MDEQ residual conv cell finds the equilibrium, then GroupNorm, global
-      average pooling and the head.
+      channels, the MDEQ residual conv cell finds the equilibrium, then GroupNorm, an optional
+      strided conv, and the linear head on either the globally average-pooled features
+      (``model.head='pool'``) or all of them flattened (``'flatten'``: keeps where a stroke is,
+      which pooling throws away).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
@@ -100,7 +103,12 @@ class Classifier(nnx.Module):
             jac_reg_batch=config.reg.jac_batch or None,
             deterministic=evaluation, rngs=rngs,
         )
+        self.flatten = m.cell == "mdeq" and m.head == "flatten"
         head_in = m.head_channels if (m.cell == "mdeq" and m.head_channels) else m.features
+        if self.flatten:
+            # SAME-padded strided convs: ceil(size / stride) per spatial dimension.
+            down = m.stem_stride * (2 if m.head_channels else 1)
+            head_in *= -(-h // down) * -(-w // down)
         self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
 
     def __call__(self, images: jax.Array, *, probe: jax.Array | None = None,
@@ -112,4 +120,6 @@ class Classifier(nnx.Module):
         z = self.out_norm(self.deq(x, probe=probe, rngs=key))
         if self.head_conv is not None:
             z = jax.nn.relu(self.head_conv(z))
+        if self.flatten:
+            return self.head(z.reshape(z.shape[0], -1))
         return self.head(jnp.mean(z, axis=(1, 2)))

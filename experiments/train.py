@@ -77,6 +77,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "mode", models.MODES)
     _choice(config, "model.cell", models.CELLS)
     _choice(config, "model.z_init", ("zeros", "inject"))
+    _choice(config, "model.head", models.HEADS)
     _choice(config, "solver.name", models.SOLVERS)
     _choice(config, "adjoint.name", models.ADJOINTS)
     _choice(config, "adjoint.solver", models.ADJOINT_SOLVERS)

@@ -146,6 +146,26 @@ def test_runs_without_tensorflow(digits_tfds_dir):
     assert "tensorflow" not in sys.modules
 
 
+def test_concurrent_builds_of_one_dataset_both_succeed(tmp_path):
+    # A DEQ run and its baseline started together build the same dataset at the same time.
+    import subprocess
+
+    code = (
+        "import sys; from experiments import data; "
+        "b = data.prepare_builder('digits', tfds_dir=sys.argv[1]); "
+        "print(len(data.read_split(b, 'test')[1]))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert int(out.split()[-1]) > 0
+
+
 # --------------------------------------------------------------------------- batching
 
 
