@@ -157,6 +157,7 @@ def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir, smoke
     ("solver.damping", 1.5, "config.solver.damping=1.5 must be in"),
     ("adjoint.solver", "lu", "config.adjoint.solver='lu'"),
     ("model.cell", "resnet", "config.model.cell='resnet'"),
+    ("model.head", "max", "config.model.head='max'"),
     ("data.name", "cifar", "config.data.name='cifar'"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0"),
 ])
@@ -164,6 +165,25 @@ def test_bad_config_values_name_the_field(tmp_path, tfds_dir, field, value, matc
     config = smoke_config(tfds_dir, **{field: value})
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
         train.train_and_evaluate(config, tmp_path)
+
+
+@pytest.mark.parametrize("shape,stem_stride,head_channels", [
+    ((28, 28, 1), 2, 64), ((8, 8, 1), 1, 0), ((7, 9, 1), 2, 8)])
+def test_flatten_head_sizes_its_linear_layer_from_the_image(shape, stem_stride, head_channels):
+    from flax import nnx
+
+    from experiments import models
+
+    config = load_config(str(ROOT / "configs" / "smoke.py"), [
+        "model.cell=mdeq", "model.features=8", "model.head=flatten",
+        f"model.stem_stride={stem_stride}", f"model.head_channels={head_channels}",
+        "solver.max_steps=3"])
+    model = models.Classifier(config, shape, 10, rngs=nnx.Rngs(0))
+    logits = model(jax.numpy.ones((2, *shape)))
+    assert logits.shape == (2, 10)
+    down = stem_stride * (2 if head_channels else 1)
+    cells = -(-shape[0] // down) * -(-shape[1] // down)
+    assert model.head.kernel.shape == ((head_channels or 8) * cells, 10)
 
 
 def test_mdeq_groups_must_divide_channels(tmp_path, tfds_dir):
