@@ -239,9 +239,12 @@ def unroll(g, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
 def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: float):
     """Restarted GMRES for ``A x = b`` on a flat vector, counting matrix-vector products.
 
-    Each cycle builds a Krylov basis of size ``restart`` (classical Gram-Schmidt, applied
-    twice for stability), solves the small least-squares problem, and checks the true
-    residual. Returns ``(x, num_matvecs, residual_norm, converged)``.
+    Each cycle grows a Krylov basis (classical Gram-Schmidt, applied twice for stability) by
+    one vector per product, up to ``restart`` vectors, and leaves the cycle as soon as the
+    small least-squares problem says the residual is within tolerance (or the basis broke
+    down, or the product budget is spent); the true residual ``b - A x`` is then computed
+    and a new cycle starts from it if needed. Returns
+    ``(x, num_matvecs, residual_norm, converged)``; ``x`` is the best iterate seen.
     """
     n = b.shape[0]
     dt = b.dtype
@@ -249,12 +252,15 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
     tol = atol + rtol * bnorm
     k = restart
 
-    def cycle(x, r, beta):
+    def cycle(x, r, beta, budget):
+        """Up to min(k, budget) Arnoldi steps from residual r; returns (x_new, products)."""
         v = jnp.zeros((k + 1, n), dt).at[0].set(r / jnp.where(beta > 0, beta, 1.0))
         h = jnp.zeros((k + 1, k), dt)
+        e1 = jnp.zeros((k + 1,), dt).at[0].set(beta)
+        limit = jnp.minimum(k, budget)
 
-        def arnoldi(j, vh):
-            v, h = vh
+        def arnoldi(c):
+            j, v, h, _, _ = c
             w = matvec(v[j])
             mask = (jnp.arange(k + 1) <= j).astype(dt)
             c1 = (v @ w) * mask
@@ -262,30 +268,38 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
             c2 = (v @ w) * mask
             w = w - c2 @ v
             hn = jnp.linalg.norm(w)
-            col = (c1 + c2).at[j + 1].set(hn)
-            h = h.at[:, j].set(col)
+            h = h.at[:, j].set((c1 + c2).at[j + 1].set(hn))
             v = v.at[j + 1].set(w / jnp.where(hn > 0, hn, 1.0))
-            return v, h
+            # The (k+1) x k least-squares problem with the unused columns zero: tiny next to
+            # a product with A, and it gives the residual of the best x in this basis.
+            est = jnp.linalg.norm(e1 - h @ jnp.linalg.lstsq(h, e1)[0])
+            breakdown = hn <= 1e-12 * jnp.maximum(jnp.linalg.norm(c1 + c2), 1e-30)
+            return j + 1, v, h, est, breakdown
 
-        v, h = jax.lax.fori_loop(0, k, arnoldi, (v, h))
-        e1 = jnp.zeros((k + 1,), dt).at[0].set(beta)
+        def more(c):
+            j, _, _, est, breakdown = c
+            return (j < limit) & (est > tol) & ~breakdown & jnp.isfinite(est)
+
+        init = (jnp.zeros((), jnp.int32), v, h, beta, jnp.zeros((), jnp.bool_))
+        j, v, h, _, _ = jax.lax.while_loop(more, arnoldi, init)
         y = jnp.linalg.lstsq(h, e1)[0]
         y = jnp.where(jnp.all(jnp.isfinite(y)), y, 0.0)
-        return x + y @ v[:k]
+        return x + y @ v[:k], j
 
     def cond(c):
         x, r, beta, steps, best_x, best_beta = c
-        return (beta > tol) & (steps + k + 1 <= max_steps) & jnp.isfinite(beta)
+        # A cycle needs one Arnoldi product and one for its true residual.
+        return (beta > tol) & (steps + 2 <= max_steps) & jnp.isfinite(beta)
 
     def body(c):
         x, r, beta, steps, best_x, best_beta = c
-        x = cycle(x, r, beta)
+        x, used = cycle(x, r, beta, max_steps - steps - 1)
         r = b - matvec(x)
         beta = jnp.linalg.norm(r)
         better = beta < best_beta
         best_x = jnp.where(better, x, best_x)
         best_beta = jnp.where(better, beta, best_beta)
-        return x, r, beta, steps + k + 1, best_x, best_beta
+        return x, r, beta, steps + used + 1, best_x, best_beta
 
     r0 = b - matvec(x0)
     beta0 = jnp.linalg.norm(r0)

@@ -452,3 +452,23 @@ def test_errors_raised_by_fn_keep_their_type():
 
     with pytest.raises(jax.errors.TracerBoolConversionError):
         deq.fixed_point(fn, jnp.zeros(2), jnp.ones(()))
+
+
+def test_gmres_stops_inside_a_cycle_and_respects_its_budget(x64):
+    from deq import _loop
+
+    n = 40
+    a = jnp.eye(n) + 0.1 * jax.random.normal(jax.random.PRNGKey(0), (n, n)) / jnp.sqrt(n)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n,))
+    calls = dict(rtol=1e-10, atol=0.0, restart=30)
+    x, steps, res, conv = _loop.gmres(lambda v: a @ v, b, jnp.zeros(n), max_steps=200, **calls)
+    assert bool(conv) and float(res) <= 1e-10 * float(jnp.linalg.norm(b))
+    np.testing.assert_allclose(x, jnp.linalg.solve(a, b), rtol=1e-8, atol=1e-9)
+    # Clustered eigenvalues: far fewer products than one full cycle of 30 (+2 residuals).
+    assert int(steps) < 25, int(steps)
+    # A budget smaller than one cycle is respected, and the answer is the best seen.
+    x5, steps5, res5, conv5 = _loop.gmres(lambda v: a @ v, b, jnp.zeros(n), max_steps=5,
+                                          **calls)
+    assert int(steps5) <= 5 and not bool(conv5)
+    assert float(res5) < float(jnp.linalg.norm(b))
+    np.testing.assert_allclose(res5, jnp.linalg.norm(b - a @ x5), rtol=1e-6)
