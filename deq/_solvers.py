@@ -123,36 +123,38 @@ class Anderson(ForwardSolver):
     def init(self, z, fz):
         b, d = z.shape
         m = self.history
+        gram_dtype = jnp.promote_types(z.dtype, jnp.float32)
         return (
-            jnp.zeros((b, m, d), z.dtype),  # past iterates z_i
             jnp.zeros((b, m, d), z.dtype),  # past evaluations f(z_i)
+            jnp.zeros((b, m, d), z.dtype),  # past residuals f(z_i) - z_i
+            # Their Gram matrix, in at least float32 (tiny residuals squared underflow in
+            # bf16). Kept up to date one row per step: m dot products instead of m^2.
+            jnp.zeros((b, m, m), gram_dtype),
             jnp.zeros((), jnp.int32),  # number of pairs stored so far
         )
 
     def update(self, z, fz, state):
-        xs, fs, count = state
+        fs, gs, gg, count = state
         m = self.history
+        gram_dtype = gg.dtype
         slot = count % m
-        xs = xs.at[:, slot].set(z)
+        g_new = fz - z
         fs = fs.at[:, slot].set(fz)
+        gs = gs.at[:, slot].set(g_new)
+        row = jnp.einsum("bd,bjd->bj", g_new, gs, preferred_element_type=gram_dtype)  # (B, m)
+        gg = gg.at[:, slot, :].set(row).at[:, :, slot].set(row)
         count = count + 1
-        valid = (jnp.arange(m) < count).astype(z.dtype)  # (m,)
-        g = fs - xs  # residuals, (B, m, D)
-        # Gram matrix in at least float32: tiny residuals squared underflow in bf16.
-        gram_dtype = jnp.promote_types(z.dtype, jnp.float32)
-        gg = jnp.einsum("bid,bjd->bij", g, g, preferred_element_type=gram_dtype)
-        vv = valid[:, None] * valid[None, :]
-        gg = gg * vv
-        scale = jnp.sum(jnp.diagonal(gg, axis1=1, axis2=2), axis=1) / jnp.sum(valid)  # (B,)
+        valid = (jnp.arange(m) < count).astype(gram_dtype)  # (m,)
+        gg_valid = gg * (valid[:, None] * valid[None, :])
+        scale = jnp.sum(jnp.diagonal(gg_valid, axis1=1, axis2=2), axis=1) / jnp.sum(valid)
         eye = jnp.eye(m, dtype=gram_dtype)
         # Unused slots get a unit diagonal and no constraint weight, so their alpha is 0.
-        a = gg + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
-        a = a + jnp.diag(1 - valid).astype(gram_dtype)
+        a = gg_valid + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
+        a = a + jnp.diag(1 - valid)
         bsz = z.shape[0]
         top = jnp.concatenate([jnp.zeros((bsz, 1, 1), gram_dtype),
-                               jnp.broadcast_to(valid, (bsz, 1, m)).astype(gram_dtype)], axis=2)
-        bottom = jnp.concatenate([jnp.broadcast_to(valid[:, None], (bsz, m, 1))
-                                  .astype(gram_dtype), a], axis=2)
+                               jnp.broadcast_to(valid, (bsz, 1, m))], axis=2)
+        bottom = jnp.concatenate([jnp.broadcast_to(valid[:, None], (bsz, m, 1)), a], axis=2)
         h = jnp.concatenate([top, bottom], axis=1)  # (B, m+1, m+1) bordered system
         rhs = jnp.zeros((bsz, m + 1), gram_dtype).at[:, 0].set(1.0)
         alpha = jnp.linalg.solve(h, rhs[..., None])[..., 0][:, 1:]  # (B, m)
@@ -162,10 +164,11 @@ class Anderson(ForwardSolver):
         if self.mixing == 1:
             z_next = mixed_f
         else:
-            mixed_x = jnp.einsum("bi,bid->bd", alpha, xs)
+            # sum_i alpha_i z_i = sum_i alpha_i (f_i - g_i)
+            mixed_x = mixed_f - jnp.einsum("bi,bid->bd", alpha, gs)
             z_next = self.mixing * mixed_f + (1 - self.mixing) * mixed_x
         z_next = jnp.where(ok[:, None], z_next, fz)
-        return z_next, (xs, fs, count)
+        return z_next, (fs, gs, gg, count)
 
 
 @dataclasses.dataclass(frozen=True)
