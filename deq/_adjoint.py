@@ -140,19 +140,23 @@ class ImplicitAdjoint(Adjoint):
         rdt = jnp.promote_types(gf.dtype, jnp.float32)
         if isinstance(self.solver, GMRES):
             shape = gf.shape
+            # In at least float32: the small least-squares solves have no bf16 kernels, and
+            # Krylov bases lose orthogonality fast in low precision.
+            gk = gf.astype(rdt)
 
             def matvec(v):
-                vm = v.reshape(shape)
-                return (vm - flat.flatten(vjp_z(flat.unflatten(vm)))).reshape(-1)
+                vm = v.reshape(shape).astype(gf.dtype)
+                out = vm - flat.flatten(vjp_z(flat.unflatten(vm)))
+                return out.astype(rdt).reshape(-1)
 
-            u, steps, res, conv = _loop.gmres(
-                matvec, gf.reshape(-1), gf.reshape(-1), restart=self.solver.restart,
+            u, steps, res, conv, finite = _loop.gmres(
+                matvec, gk.reshape(-1), gk.reshape(-1), restart=self.solver.restart,
                 max_steps=self.max_steps, rtol=self.solver.rtol, atol=self.solver.atol,
             )
             unorm = jnp.linalg.norm(u)
             result = jnp.where(conv, RESULTS.SUCCESSFUL,
-                               jnp.where(jnp.isfinite(res), RESULTS.MAX_STEPS, RESULTS.NONFINITE))
-            uf = u.reshape(shape)
+                               jnp.where(finite, RESULTS.MAX_STEPS, RESULTS.NONFINITE))
+            uf = u.reshape(shape).astype(gf.dtype)
             abs_res, rel_res = res.astype(rdt), (res / jnp.maximum(unorm, 1e-30)).astype(rdt)
         else:
             def h(uf):

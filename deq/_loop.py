@@ -244,7 +244,8 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
     small least-squares problem says the residual is within tolerance (or the basis broke
     down, or the product budget is spent); the true residual ``b - A x`` is then computed
     and a new cycle starts from it if needed. Returns
-    ``(x, num_matvecs, residual_norm, converged)``; ``x`` is the best iterate seen.
+    ``(x, num_matvecs, residual_norm, converged, finite)``: ``x`` is the best iterate seen and
+    its residual norm; ``finite`` is False if a non-finite value stopped the solve.
     """
     n = b.shape[0]
     dt = b.dtype
@@ -273,7 +274,9 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
             # The (k+1) x k least-squares problem with the unused columns zero: tiny next to
             # a product with A, and it gives the residual of the best x in this basis.
             est = jnp.linalg.norm(e1 - h @ jnp.linalg.lstsq(h, e1)[0])
-            breakdown = hn <= 1e-12 * jnp.maximum(jnp.linalg.norm(c1 + c2), 1e-30)
+            # w lies (to rounding) in the basis: the Krylov space is invariant.
+            eps = jnp.finfo(dt).eps
+            breakdown = hn <= 10 * eps * jnp.sqrt(jnp.sum((c1 + c2) ** 2) + hn**2)
             return j + 1, v, h, est, breakdown
 
         def more(c):
@@ -281,28 +284,30 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
             return (j < limit) & (est > tol) & ~breakdown & jnp.isfinite(est)
 
         init = (jnp.zeros((), jnp.int32), v, h, beta, jnp.zeros((), jnp.bool_))
-        j, v, h, _, _ = jax.lax.while_loop(more, arnoldi, init)
+        j, v, h, est, _ = jax.lax.while_loop(more, arnoldi, init)
         y = jnp.linalg.lstsq(h, e1)[0]
-        y = jnp.where(jnp.all(jnp.isfinite(y)), y, 0.0)
-        return x + y @ v[:k], j
+        finite = jnp.isfinite(est) & jnp.all(jnp.isfinite(y))
+        y = jnp.where(finite, y, 0.0)
+        return x + y @ v[:k], j, finite
 
     def cond(c):
-        x, r, beta, steps, best_x, best_beta = c
+        x, r, beta, steps, best_x, best_beta, finite = c
         # A cycle needs one Arnoldi product and one for its true residual.
-        return (beta > tol) & (steps + 2 <= max_steps) & jnp.isfinite(beta)
+        return (beta > tol) & (steps + 2 <= max_steps) & finite
 
     def body(c):
-        x, r, beta, steps, best_x, best_beta = c
-        x, used = cycle(x, r, beta, max_steps - steps - 1)
+        x, r, beta, steps, best_x, best_beta, _ = c
+        x, used, finite = cycle(x, r, beta, max_steps - steps - 1)
         r = b - matvec(x)
         beta = jnp.linalg.norm(r)
+        finite = finite & jnp.isfinite(beta)
         better = beta < best_beta
         best_x = jnp.where(better, x, best_x)
         best_beta = jnp.where(better, beta, best_beta)
-        return x, r, beta, steps + used + 1, best_x, best_beta
+        return x, r, beta, steps + used + 1, best_x, best_beta, finite
 
     r0 = b - matvec(x0)
     beta0 = jnp.linalg.norm(r0)
-    init = (x0, r0, beta0, jnp.ones((), jnp.int32), x0, beta0)
-    _, _, _, steps, x, beta = jax.lax.while_loop(cond, body, init)
-    return x, steps, beta, beta <= tol
+    init = (x0, r0, beta0, jnp.ones((), jnp.int32), x0, beta0, jnp.isfinite(beta0))
+    _, _, _, steps, x, beta, finite = jax.lax.while_loop(cond, body, init)
+    return x, steps, beta, (beta <= tol) & finite, finite

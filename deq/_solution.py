@@ -69,7 +69,10 @@ class BackwardStats(NamedTuple):
       num_steps: iterations (or Krylov matrix-vector products) of the adjoint solve.
       abs_residual: ``|u - g - J^T u|`` at the returned ``u`` (2-norm over the whole batch).
       rel_residual: ``abs_residual / |u|`` (whole batch: what the parameter gradient sees).
-      converged: whether the adjoint solve met its tolerance.
+      converged: whether the adjoint solve met its tolerance. For GMRES the test is on the
+        whole batch; for the iterative solvers it is per sample (``atol + rtol |u_i|``), so
+        ``converged`` can be False next to a small whole-batch ``rel_residual`` when one
+        sample with a tiny cotangent is left behind.
       result: :class:`RESULTS` code.
     """
 

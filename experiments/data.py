@@ -172,6 +172,8 @@ def _build_lock(path: str):
     try:
         import fcntl
     except ImportError:  # Windows: no lock, the build is then not safe to run concurrently.
+        fcntl = None
+    if fcntl is None:
         yield
         return
     with open(path, "a") as f:

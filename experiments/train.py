@@ -78,6 +78,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "model.cell", models.CELLS)
     _choice(config, "model.z_init", ("zeros", "inject"))
     _choice(config, "model.head", models.HEADS)
+    if config.model.cell == "mlp" and config.model.head != "pool":
+        raise ValueError(
+            f"config.model.head={config.model.head!r} applies to the 'mdeq' cell only; the "
+            "'mlp' cell's head is a linear layer on its state (leave model.head='pool')."
+        )
     _choice(config, "solver.name", models.SOLVERS)
     _choice(config, "adjoint.name", models.ADJOINTS)
     _choice(config, "adjoint.solver", models.ADJOINT_SOLVERS)
@@ -129,11 +134,16 @@ def _flatten_config(cfg, prefix=""):
     return out
 
 
+# Config fields added after runs were already stored, with the value that reproduces those
+# older runs: a stored config without the field resumes as if it had this value.
+ADDED_FIELDS = {"model.head": "pool"}
+
+
 def _check_stored_config(config, workdir: Path) -> None:
     path = workdir / "config.json"
     current = _flatten_config(config.to_dict())
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = {**ADDED_FIELDS, **json.loads(path.read_text())}
         diff = sorted(
             k for k in set(stored) | set(current)
             if k not in RESUMABLE_FIELDS and stored.get(k) != current.get(k)

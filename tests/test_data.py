@@ -160,7 +160,11 @@ def test_concurrent_builds_of_one_dataset_both_succeed(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
         assert int(out.split()[-1]) > 0

@@ -151,6 +151,17 @@ def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir, smoke
         train.train_and_evaluate(smoke_config(tfds_dir, **{"model.features": 32}), tmp_path)
 
 
+def test_run_stored_before_a_field_was_added_still_resumes(tmp_path):
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    stored = train._flatten_config(config.to_dict())
+    del stored["model.head"]  # a config.json written before model.head existed
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    train._check_stored_config(config, tmp_path)  # the default reproduces the old run
+    config.model.head = "flatten"
+    with pytest.raises(ValueError, match="model.head: 'pool' -> 'flatten'"):
+        train._check_stored_config(config, tmp_path)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("solver.name", "newton", "config.solver.name='newton' is not one of"),
     ("solver.max_steps", 0, "config.solver.max_steps=0 must be a number > 0"),
@@ -158,6 +169,7 @@ def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir, smoke
     ("adjoint.solver", "lu", "config.adjoint.solver='lu'"),
     ("model.cell", "resnet", "config.model.cell='resnet'"),
     ("model.head", "max", "config.model.head='max'"),
+    ("model.head", "flatten", "applies to the 'mdeq' cell only"),
     ("data.name", "cifar", "config.data.name='cifar'"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0"),
 ])
