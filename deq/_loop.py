@@ -261,7 +261,7 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
         limit = jnp.minimum(k, budget)
 
         def arnoldi(c):
-            j, v, h, _, _ = c
+            j, v, h, _, _, _ = c
             w = matvec(v[j])
             mask = (jnp.arange(k + 1) <= j).astype(dt)
             c1 = (v @ w) * mask
@@ -273,19 +273,22 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
             v = v.at[j + 1].set(w / jnp.where(hn > 0, hn, 1.0))
             # The (k+1) x k least-squares problem with the unused columns zero: tiny next to
             # a product with A, and it gives the residual of the best x in this basis.
-            est = jnp.linalg.norm(e1 - h @ jnp.linalg.lstsq(h, e1)[0])
+            y = jnp.linalg.lstsq(h, e1)[0]
+            est = jnp.linalg.norm(e1 - h @ y)
             # w lies (to rounding) in the basis: the Krylov space is invariant.
             eps = jnp.finfo(dt).eps
             breakdown = hn <= 10 * eps * jnp.sqrt(jnp.sum((c1 + c2) ** 2) + hn**2)
-            return j + 1, v, h, est, breakdown
+            return j + 1, v, h, y, est, breakdown
 
         def more(c):
-            j, _, _, est, breakdown = c
+            j, _, _, _, est, breakdown = c
             return (j < limit) & (est > tol) & ~breakdown & jnp.isfinite(est)
 
-        init = (jnp.zeros((), jnp.int32), v, h, beta, jnp.zeros((), jnp.bool_))
-        j, v, h, est, _ = jax.lax.while_loop(more, arnoldi, init)
-        y = jnp.linalg.lstsq(h, e1)[0]
+        # The outer loop only starts a cycle with beta > tol and budget >= 1, so at least one
+        # Arnoldi step runs and y is that of the last basis.
+        init = (jnp.zeros((), jnp.int32), v, h, jnp.zeros((k,), dt), beta,
+                jnp.zeros((), jnp.bool_))
+        j, v, h, y, est, _ = jax.lax.while_loop(more, arnoldi, init)
         finite = jnp.isfinite(est) & jnp.all(jnp.isfinite(y))
         y = jnp.where(finite, y, 0.0)
         return x + y @ v[:k], j, finite

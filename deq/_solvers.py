@@ -144,12 +144,13 @@ class Anderson(ForwardSolver):
         row = jnp.einsum("bd,bjd->bj", g_new, gs, preferred_element_type=gram_dtype)  # (B, m)
         gg = gg.at[:, slot, :].set(row).at[:, :, slot].set(row)
         count = count + 1
+        # Slots fill in order and unused ones hold zeros, so their rows and columns of gg are
+        # zero: no masking needed.
         valid = (jnp.arange(m) < count).astype(gram_dtype)  # (m,)
-        gg_valid = gg * (valid[:, None] * valid[None, :])
-        scale = jnp.sum(jnp.diagonal(gg_valid, axis1=1, axis2=2), axis=1) / jnp.sum(valid)
+        scale = jnp.sum(jnp.diagonal(gg, axis1=1, axis2=2), axis=1) / jnp.sum(valid)
         eye = jnp.eye(m, dtype=gram_dtype)
         # Unused slots get a unit diagonal and no constraint weight, so their alpha is 0.
-        a = gg_valid + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
+        a = gg + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
         a = a + jnp.diag(1 - valid)
         bsz = z.shape[0]
         top = jnp.concatenate([jnp.zeros((bsz, 1, 1), gram_dtype),
