@@ -25,13 +25,27 @@ import jax.numpy as jnp
 Params = dict
 
 
+def weight_norm_scale(v: jax.Array) -> jax.Array:
+    """Per-output-channel norm of a kernel (norm over all axes but the last, the output one).
+
+    The initial gain ``g`` of weight normalisation: with ``g = |v|`` the normalised kernel
+    starts equal to ``v`` itself, so wrapping a layer does not change its initial function.
+    """
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1))))
+
+
+def weight_norm_kernel(v: jax.Array, g: jax.Array) -> jax.Array:
+    """The weight-normalised kernel ``g * v / |v|`` (Salimans & Kingma, 2016), per output channel.
+
+    ``v``: any kernel whose last axis is the output one (``(in, out)`` dense, ``HWIO`` conv);
+    ``g``: ``(out,)``. Each output channel's kernel then has norm ``|g|`` whatever ``v``.
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1)), keepdims=True))
+    return g * v / jnp.maximum(norm, jnp.finfo(v.dtype).tiny)
+
+
 def _weight_normed(p: Params) -> jax.Array:
-    v = p["kernel"]
-    if "scale" not in p:
-        return v
-    axes = tuple(range(v.ndim - 1))
-    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
-    return p["scale"] * v / jnp.maximum(norm, jnp.finfo(v.dtype).tiny)
+    return weight_norm_kernel(p["kernel"], p["scale"]) if "scale" in p else p["kernel"]
 
 
 def _kernel_init(key, shape, dtype, scale):
@@ -47,7 +61,7 @@ def dense_init(key, in_features, out_features, *, use_bias=True, weight_norm=Fal
     if use_bias:
         p["bias"] = jnp.zeros((out_features,), dtype)
     if weight_norm:  # g = |v| so that the initial kernel is v itself
-        p["scale"] = jnp.sqrt(jnp.sum(jnp.square(p["kernel"]), axis=0))
+        p["scale"] = weight_norm_scale(p["kernel"])
     return p
 
 
@@ -65,37 +79,31 @@ def conv_init(key, kernel_size, in_channels, out_channels, *, use_bias=True, wei
     if use_bias:
         p["bias"] = jnp.zeros((out_channels,), dtype)
     if weight_norm:
-        p["scale"] = jnp.sqrt(jnp.sum(jnp.square(p["kernel"]), axis=(0, 1, 2)))
+        p["scale"] = weight_norm_scale(p["kernel"])
     return p
 
 
-def _conv_nhwc(x, kernel):
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_nhwc(x, kernel, precision=None):
     return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC, precision=precision
     )
 
 
-@jax.custom_vjp
-def conv2d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 'SAME' convolution, NHWC input, HWIO kernel with odd spatial sizes.
-
-    Same values and gradients as ``lax.conv_general_dilated``; only the input cotangent is
-    written differently: as a plain convolution of the cotangent with the spatially flipped,
-    in/out-swapped kernel. JAX's own transpose rule produces a convolution with an ``OIHW``-
-    style kernel layout that XLA:CPU runs 10-15x slower when it sits inside a ``while`` or
-    ``scan`` body -- exactly where a DEQ's adjoint solve and unrolled backprop put it. On GPU
-    both forms compile to the same kernels.
-    """
-    return _conv_nhwc(x, kernel)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_same_vjp(x, kernel, precision):
+    return _conv_nhwc(x, kernel, precision)
 
 
-def _conv2d_same_fwd(x, kernel):
-    return _conv_nhwc(x, kernel), (x, kernel)
+def _conv2d_same_fwd(x, kernel, precision):
+    return _conv_nhwc(x, kernel, precision), (x, kernel)
 
 
-def _conv2d_same_bwd(res, g):
+def _conv2d_same_bwd(precision, res, g):
     x, kernel = res
-    gx = _conv_nhwc(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    gx = _conv_nhwc(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), precision)
     # The kernel cotangent as one small matmul per kernel offset (x shifted against the
     # cotangent), one offset at a time: XLA:CPU's backward-filter convolution for these shapes
     # (a huge contraction into a tiny kernel) is several times slower inside loops, and
@@ -110,15 +118,49 @@ def _conv2d_same_bwd(res, g):
     def offset(i, gk):
         dy, dx = i // kw, i % kw
         xs = jax.lax.dynamic_slice(xp, (0, dy, dx, 0), (n, h, w, cin))
-        blk = jnp.einsum("nhwi,nhwo->io", xs, g, preferred_element_type=acc)
+        blk = jnp.einsum("nhwi,nhwo->io", xs, g, preferred_element_type=acc,
+                         precision=precision)
         return jax.lax.dynamic_update_slice(gk, blk[None, None], (dy, dx, 0, 0))
 
     gk = jax.lax.fori_loop(0, kh * kw, offset, jnp.zeros((kh, kw, cin, cout), acc))
-    gk = gk.astype(kernel.dtype)
-    return gx, gk
+    return gx.astype(x.dtype), gk.astype(kernel.dtype)
 
 
-conv2d_same.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
+_conv2d_same_vjp.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
+
+
+def conv2d_same(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """Stride-1 'SAME' convolution, NHWC input, HWIO kernel with odd spatial sizes.
+
+    Same values and gradients as ``lax.conv_general_dilated``; only the gradient is written
+    differently: the input cotangent as a plain convolution of the cotangent with the
+    spatially flipped, in/out-swapped kernel, and the kernel cotangent as one small matmul per
+    kernel offset. JAX's own rules produce a transposed convolution with an ``OIHW``-style
+    kernel layout and a backward-filter convolution, which XLA:CPU runs 5-15x slower when they
+    sit inside a ``while`` or ``scan`` body -- exactly where a DEQ's adjoint solve and unrolled
+    backprop put them. This function always uses the rewritten gradient; :func:`conv_same`
+    uses it only on CPU.
+    """
+    return _conv2d_same_vjp(x, kernel, precision)
+
+
+def conv_same(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """Stride-1 'SAME' NHWC/HWIO convolution whose gradient is fast on every backend.
+
+    The backend is chosen when the computation is lowered (``jax.lax.platform_dependent``):
+    on CPU the gradient of :func:`conv2d_same`; elsewhere (GPU, TPU) JAX's own gradient of
+    ``lax.conv_general_dilated``, which cuDNN/XLA run well there and which the per-offset
+    kernel cotangent would only slow down. Values and gradients are the same either way.
+    Even kernel sizes pad asymmetrically (the flipped-kernel identity does not hold): they
+    always take the plain convolution.
+    """
+    if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+        return _conv_nhwc(x, kernel, precision)
+    return jax.lax.platform_dependent(
+        x, kernel,
+        cpu=lambda a, b: conv2d_same(a, b, precision),
+        default=lambda a, b: _conv_nhwc(a, b, precision),
+    )
 
 
 def conv(p: Params, x: jax.Array) -> jax.Array:
@@ -126,12 +168,68 @@ def conv(p: Params, x: jax.Array) -> jax.Array:
     lead = x.shape[:-3]
     x4 = x.reshape((-1, *x.shape[-3:]))
     kernel = _weight_normed(p).astype(x.dtype)
-    if kernel.shape[0] % 2 and kernel.shape[1] % 2:
-        y = conv2d_same(x4, kernel)
-    else:  # even kernels pad asymmetrically: the flipped-kernel identity does not hold
-        y = _conv_nhwc(x4, kernel)
+    y = conv_same(x4, kernel)
     y = y.reshape((*lead, *y.shape[1:]))
     return y + p["bias"] if "bias" in p else y
+
+
+def _same_pads(kernel_shape) -> list[tuple[int, int]]:
+    return [((k - 1) // 2, (k - 1) // 2) for k in kernel_shape]
+
+
+def fast_conv_supported(kernel_size, strides, padding, input_dilation, kernel_dilation,
+                        feature_group_count) -> str | None:
+    """Why a Flax ``Conv`` configuration cannot use :func:`conv_same` (``None`` if it can)."""
+    def ones(v):
+        return v is None or v == 1 or (not isinstance(v, int) and all(s == 1 for s in v))
+
+    kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if len(kernel_size) != 2:
+        return f"a 2-D kernel (got kernel_size={kernel_size})"
+    if any(k % 2 == 0 for k in kernel_size):
+        return f"odd kernel sizes (got kernel_size={kernel_size})"
+    if not ones(strides):
+        return f"strides=1 (got {strides!r})"
+    if not (ones(input_dilation) and ones(kernel_dilation)):
+        return (f"no dilation (got input_dilation={input_dilation!r}, "
+                f"kernel_dilation={kernel_dilation!r})")
+    if feature_group_count != 1:
+        return f"feature_group_count=1 (got {feature_group_count})"
+    pads = padding
+    if isinstance(pads, int):
+        pads = [(pads, pads)] * 2
+    elif not isinstance(pads, str):
+        pads = [(p, p) if isinstance(p, int) else tuple(p) for p in pads]
+    if not (pads == "SAME" or pads == _same_pads(kernel_size)):
+        return f"padding='SAME' (got {padding!r})"
+    return None
+
+
+def fast_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                              batch_group_count=1, precision=None, preferred_element_type=None,
+                              **kwargs):
+    """Drop-in for ``lax.conv_general_dilated`` that takes :func:`conv_same` where it applies.
+
+    Pass it as ``conv_general_dilated=`` to ``nnx.Conv`` / ``nn.Conv`` (or use
+    :class:`deq.cells.nnx.Conv` / :class:`deq.cells.linen.Conv`, which do): 2-D, stride 1,
+    SAME (or the equivalent symmetric) padding, odd kernel, no dilation or groups, NHWC/HWIO
+    layout, no ``preferred_element_type``. Any other call goes to ``lax.conv_general_dilated``
+    unchanged.
+    """
+    dn = dimension_numbers
+    nhwc = lhs.ndim == 4 and rhs.ndim == 4 and dn is not None and (
+        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    )
+    if (nhwc and preferred_element_type is None and batch_group_count == 1
+            and not kwargs.get("out_sharding") and fast_conv_supported(
+                rhs.shape[:2], window_strides, padding, lhs_dilation, rhs_dilation,
+                feature_group_count) is None):
+        return conv_same(lhs, rhs, precision)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type, **kwargs)
 
 
 def norm_init(features, dtype=jnp.float32, scale=1.0) -> Params:
