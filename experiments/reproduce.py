@@ -1,0 +1,502 @@
+"""Rerun a result set from a clean checkout and write what the README shows.
+
+Usage::
+
+  python -m experiments.reproduce digits                  # 5 seeds x (DEQ, unrolled), ~5 min
+  python -m experiments.reproduce mnist --mnist-dir DIR   # 2 seeds x (DEQ, unrolled)
+  python -m experiments.reproduce stale                   # list result sets to rerun
+  python -m experiments.reproduce readme                  # rewrite the README's results block
+
+A set ``S`` is written to ``experiments/results/S/``: ``seeds.md`` / ``seeds.json`` (per-seed
+accuracies, mean +- standard deviation, the paired DEQ - unrolled difference, memory, time,
+solver steps), ``compute_accuracy.png`` / ``.json`` (test accuracy and equilibrium residual
+against the number of forward solver steps at inference, DEQ and unrolled), ``solvers.md`` /
+``.json`` (steps to a relative residual of 1e-4 on the trained DEQ's cell for plain iteration,
+Anderson and Broyden) and ``provenance.json`` (the commit, whether the tree was clean, the
+command, the machine, versions, the date). Training runs go to ``--workdir`` (default
+``runs/reproduce``) and resume if interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+# What a result depends on: a change under these paths after its commit makes it stale.
+CODE_PATHS = ("deq", "experiments", "configs", "pyproject.toml")
+SETS = {
+    "digits": ("configs/digits_deq.py", "configs/digits_unrolled.py"),
+    "mnist": ("configs/mnist_deq.py", "configs/mnist_unrolled.py"),
+}
+DEFAULT_SEEDS = {"digits": 5, "mnist": 2}
+STEPS_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 50)
+SOLVER_RTOL = 1e-4
+SOLVER_MAX_STEPS = 200
+
+
+# ------------------------------------------------------------------------------------------
+# Provenance and staleness
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _code_pathspec() -> list[str]:
+    return [*CODE_PATHS, ":(exclude)experiments/results"]
+
+
+def machine() -> dict:
+    """CPU model and cores, and the accelerators JAX sees."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = sorted({d.device_kind for d in jax.devices() if d.platform != "cpu"})
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": ", ".join(gpus) or None,
+            "backend": jax.default_backend()}
+
+
+def machine_name(m: dict) -> str:
+    return m["gpu"] or f"{m['cpu']}, {m['cores']} cores (CPU)"
+
+
+def provenance(command: list[str]) -> dict:
+    import flax
+    import jax
+
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--", *_code_pathspec())),
+        "command": shlex.join(command),
+        "machine": machine(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def stale_sets(results: Path = RESULTS) -> dict[str, str]:
+    """Result sets to rerun, with the reason: no provenance, a dirty tree, or code changed."""
+    stale = {}
+    for d in sorted(p for p in results.iterdir() if p.is_dir()):
+        prov = d / "provenance.json"
+        if not prov.exists():
+            stale[d.name] = "no provenance.json"
+            continue
+        info = json.loads(prov.read_text())
+        commit = info.get("git_commit", "")
+        if info.get("dirty", True):
+            stale[d.name] = "produced from a tree with uncommitted code changes"
+            continue
+        try:
+            changed = _git("diff", "--name-only", commit, "HEAD", "--", *_code_pathspec())
+        except subprocess.CalledProcessError:
+            stale[d.name] = f"its commit {commit[:12]} is not in this repository"
+            continue
+        if changed:
+            files = changed.splitlines()
+            stale[d.name] = (f"{len(files)} code file(s) changed since {commit[:12]} "
+                             f"(e.g. {files[0]})")
+    return stale
+
+
+# ------------------------------------------------------------------------------------------
+# Training the seeds
+
+
+def _train(config_path: str, seed: int, workdir: Path, overrides: list[str]) -> Path:
+    from experiments.compare import load_config
+    from experiments.train import train_and_evaluate
+
+    config = load_config(str(ROOT / config_path),
+                         [f"seed={seed}", "train.progress_bar=False", *overrides])
+    wd = workdir / f"{config.name}_seed{seed}"
+    print(f"== {config.name} seed {seed}: training into {wd}", flush=True)
+    train_and_evaluate(config, wd)
+    return wd
+
+
+def _mean_std(xs) -> dict:
+    xs = np.asarray(xs, float)
+    return {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0,
+            "n": int(len(xs))}
+
+
+SUMMARY_FIELDS = ("test_accuracy", "median_step_time", "train_step_temp_bytes", "train_fwd_steps",
+                  "test_fwd_steps", "train_fwd_rel_residual", "test_fwd_rel_residual",
+                  "train_bwd_steps", "num_params", "epochs")
+
+
+def seeds_table(runs: dict[str, list[Path]]) -> dict:
+    """Per-seed summaries of each mode and their aggregates (mean +- sample std)."""
+    out = {"runs": {}, "aggregate": {}}
+    for mode, wds in runs.items():
+        rows = []
+        for wd in wds:
+            s = json.loads((wd / "summary.json").read_text())
+            rows.append({"seed": json.loads((wd / "config.json").read_text())["seed"],
+                         **{k: s.get(k) for k in SUMMARY_FIELDS}})
+        out["runs"][mode] = rows
+        out["aggregate"][mode] = {
+            k: _mean_std([r[k] for r in rows]) for k in SUMMARY_FIELDS
+            if all(isinstance(r[k], (int, float)) for r in rows)
+        }
+    deq_acc = {r["seed"]: r["test_accuracy"] for r in out["runs"]["deq"]}
+    unr_acc = {r["seed"]: r["test_accuracy"] for r in out["runs"]["unrolled"]}
+    paired = [deq_acc[s] - unr_acc[s] for s in sorted(deq_acc) if s in unr_acc]
+    out["aggregate"]["paired_difference"] = _mean_std(paired)
+    out["aggregate"]["paired_difference"]["per_seed"] = paired
+    mem = [out["aggregate"][m]["train_step_temp_bytes"]["mean"] for m in ("deq", "unrolled")]
+    out["aggregate"]["memory_ratio"] = mem[0] / mem[1]
+    return out
+
+
+def _pct(ms: dict) -> str:
+    return f"{100 * ms['mean']:.2f}% +- {100 * ms['std']:.2f}"
+
+
+def seeds_markdown(table: dict, machine_str: str) -> str:
+    agg = table["aggregate"]
+    lines = [
+        "| | test accuracy (mean +- std) | per seed | train step (median) | "
+        "train-step memory | fwd steps train / test | fwd rel. residual train / test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("deq", "unrolled"):
+        a, rows = agg[mode], table["runs"][mode]
+        per_seed = ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in rows)
+        lines.append(
+            f"| {mode} | {_pct(a['test_accuracy'])} | {per_seed} | "
+            f"{1e3 * a['median_step_time']['mean']:.1f} ms | "
+            f"{a['train_step_temp_bytes']['mean'] / 2**20:.1f} MiB | "
+            f"{a['train_fwd_steps']['mean']:.1f} / {a['test_fwd_steps']['mean']:.1f} | "
+            f"{a['train_fwd_rel_residual']['mean']:.1e} / "
+            f"{a['test_fwd_rel_residual']['mean']:.1e} |"
+        )
+    d = agg["paired_difference"]
+    lines += [
+        "",
+        f"Paired difference DEQ - unrolled (same seed): {100 * d['mean']:+.2f} +- "
+        f"{100 * d['std']:.2f} points over {d['n']} seeds "
+        f"(per seed: {', '.join(f'{100 * x:+.2f}' for x in d['per_seed'])}). "
+        f"Train-step memory DEQ / unrolled: {agg['memory_ratio']:.2f}x.",
+        "",
+        f"Machine: {machine_str}.",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Trained models: compute-accuracy curve and forward solvers on the trained cell
+
+
+def _load_trained(wd: Path, **overrides):
+    """The evaluation model of a finished run with its trained parameters, and its test set."""
+    from flax import nnx
+
+    from experiments import data as data_lib
+    from experiments import models
+    from experiments.compare import load_config
+    from experiments.train import load_checkpoint
+
+    stored = json.loads((wd / "config.json").read_text())
+    config = load_config(str(ROOT / "configs" / "default.py"))
+    for k, v in stored.items():
+        node = config
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    for k, v in overrides.items():
+        node = config
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    _, test, info = data_lib.load_dataset(
+        config.data.name, data_dir=config.data.dir or None,
+        tfds_dir=config.data.tfds_dir or None, limit_test=config.data.limit_test or None,
+    )
+    model = models.Classifier(config, tuple(info["image_shape"]), info["num_classes"],
+                              evaluation=True, rngs=nnx.Rngs(0))
+    _, state = load_checkpoint(wd)
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, state["params"])
+    nnx.update(model, params)
+    return model, test, config
+
+
+def _batches(split, size=500):
+    for i in range(0, len(split.labels), size):
+        yield np.asarray(split.images[i:i + size]), np.asarray(split.labels[i:i + size])
+
+
+def accuracy_at_depth(wd: Path, steps: int) -> dict:
+    """Test accuracy and residuals of a trained run when its solve gets exactly ``steps``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    # A tolerance below reach, so the DEQ uses the whole budget like the unrolled network.
+    model, test, _ = _load_trained(wd, **{"solver.eval_max_steps": steps,
+                                          "solver.eval_rtol": 1e-12, "solver.atol": 1e-12})
+
+    @nnx.jit
+    def run(model, images):
+        logits = model(images)
+        s = model.deq.stats.get_value()
+        return jnp.argmax(logits, -1), s.mean_rel_residual, s.rel_residual
+
+    correct, mean_res, worst = 0, [], []
+    for images, labels in _batches(test):
+        pred, m, w = run(model, images)
+        correct += int(np.sum(np.asarray(pred) == labels))
+        mean_res.append(float(m) * len(labels))
+        worst.append(float(w))
+    n = len(test.labels)
+    return {"steps": steps, "accuracy": correct / n, "mean_rel_residual": sum(mean_res) / n,
+            "worst_rel_residual": max(worst)}
+
+
+def compute_accuracy(runs: dict[str, list[Path]], out: Path, machine_str: str) -> dict:
+    curves = {mode: [[accuracy_at_depth(wd, k) for k in STEPS_GRID] for wd in wds]
+              for mode, wds in runs.items()}
+    (out / "compute_accuracy.json").write_text(json.dumps(curves, indent=1))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, per_seed in curves.items():
+        acc = np.array([[p["accuracy"] for p in c] for c in per_seed])
+        res = np.array([[p["mean_rel_residual"] for p in c] for c in per_seed])
+        for ax, ys in ((axes[0], 100 * acc), (axes[1], res)):
+            mean = ys.mean(0)
+            ax.plot(STEPS_GRID, mean, marker="o", label=f"{mode} ({len(per_seed)} seeds)")
+            if len(per_seed) > 1:
+                ax.fill_between(STEPS_GRID, ys.min(0), ys.max(0), alpha=0.2)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].set_ylabel("mean relative residual |f(z) - z| / |f(z)|")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("forward solver steps at inference")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Test-time compute vs accuracy (band: min-max over seeds). {machine_str}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "compute_accuracy.png", dpi=110)
+    plt.close(fig)
+    return curves
+
+
+def solver_steps(wd: Path) -> dict:
+    """Per-sample steps to ``SOLVER_RTOL`` on the trained cell, for each forward solver."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import deq
+
+    model, test, _ = _load_trained(wd)
+    layer = model.deq
+    graphdef, state = nnx.split(layer.cell)
+
+    def f(z, args):
+        st, x = args
+        return nnx.merge(graphdef, st)(z, x)
+
+    solvers = {
+        "FixedPointIteration": deq.FixedPointIteration(rtol=SOLVER_RTOL, atol=0.0),
+        "Anderson": deq.Anderson(rtol=SOLVER_RTOL, atol=0.0),
+        "Broyden": deq.Broyden(rtol=SOLVER_RTOL, atol=0.0),
+    }
+    out = {}
+    for name, solver in solvers.items():
+
+        @jax.jit
+        def one(x, st, solver=solver):
+            z0 = jnp.zeros(layer.cell.state_shape(x.shape)) if hasattr(
+                layer.cell, "state_shape") else jnp.zeros_like(x)
+            sol = deq.fixed_point(f, z0, (st, x), solver=solver, adjoint=deq.JacobianFreeAdjoint(),
+                                  max_steps=SOLVER_MAX_STEPS, batched=False)
+            return sol.stats.num_steps, sol.stats.converged
+
+        per_sample = jax.jit(jax.vmap(one, in_axes=(0, None)))
+        steps, conv = [], []
+        for images, _ in _batches(test):
+            x = model.deq_input(jnp.asarray(images))
+            s, c = per_sample(x, state)
+            steps.append(np.asarray(s))
+            conv.append(np.asarray(c))
+        steps, conv = np.concatenate(steps), np.concatenate(conv)
+        out[name] = {"mean_steps": float(steps.mean()), "worst_steps": int(steps.max()),
+                     "converged_fraction": float(conv.mean())}
+    base = out["FixedPointIteration"]["mean_steps"]
+    for v in out.values():
+        v["vs_iteration"] = v["mean_steps"] / base
+    return out
+
+
+def solvers_markdown(per_seed: list[dict], machine_str: str) -> str:
+    lines = [
+        f"Steps to a relative residual of {SOLVER_RTOL:g} per test sample on the trained DEQ's "
+        f"cell (budget {SOLVER_MAX_STEPS}), mean over {len(per_seed)} trained seed(s).",
+        "",
+        "| solver | mean steps | worst sample | vs plain iteration | converged |",
+        "|---|---|---|---|---|",
+    ]
+    for name in per_seed[0]:
+        m = np.mean([s[name]["mean_steps"] for s in per_seed])
+        w = max(s[name]["worst_steps"] for s in per_seed)
+        r = np.mean([s[name]["vs_iteration"] for s in per_seed])
+        c = np.mean([s[name]["converged_fraction"] for s in per_seed])
+        lines.append(f"| {name} | {m:.1f} | {w} | {r:.2f} | {100 * c:.1f}% |")
+    lines += ["", f"Machine: {machine_str}."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# The README's results block
+
+
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def readme_block(results: Path = RESULTS) -> str:
+    """The README's results summary, generated from the result files."""
+    parts = []
+    for name, title in (("digits", "Embedded digits"), ("mnist", "MNIST")):
+        seeds = results / name / "seeds.json"
+        if not seeds.exists():
+            continue
+        table = json.loads(seeds.read_text())
+        prov = json.loads((results / name / "provenance.json").read_text())
+        agg = table["aggregate"]
+        d = agg["paired_difference"]
+        parts.append(
+            f"- **{title}** ({agg['deq']['test_accuracy']['n']} seeds, "
+            f"{machine_name(prov['machine'])}, commit {prov['git_commit'][:10]}): DEQ "
+            f"{_pct(agg['deq']['test_accuracy'])}, unrolled "
+            f"{_pct(agg['unrolled']['test_accuracy'])}; paired difference "
+            f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points; train-step memory "
+            f"{agg['memory_ratio']:.2f}x of the unrolled network's. "
+            f"[tables and plots](experiments/results/{name}/)"
+        )
+        solvers = results / name / "solvers.json"
+        if solvers.exists():
+            sv = json.loads(solvers.read_text())
+            ratio = {k: np.mean([s[k]["vs_iteration"] for s in sv]) for k in sv[0]}
+            parts.append(
+                f"  Forward solvers on the trained cell (steps to rel. residual "
+                f"{SOLVER_RTOL:g}, relative to plain iteration): Anderson "
+                f"{ratio['Anderson']:.2f}x, Broyden {ratio['Broyden']:.2f}x."
+            )
+    return "\n".join([BEGIN, *parts, END])
+
+
+def update_readme(path: Path = README) -> bool:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block.")
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: readme_block(), text,
+                 flags=re.S)
+    path.write_text(new)
+    return new != text
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_set(name: str, seeds: int, workdir: Path, overrides: list[str], command: list[str]):
+    prov = provenance(command)
+    if prov["dirty"]:
+        print("warning: the code has uncommitted changes; this set will be marked dirty "
+              "(stale) until rerun from a clean commit.", file=sys.stderr)
+    out = RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    deq_cfg, unrolled_cfg = SETS[name]
+    runs = {"deq": [], "unrolled": []}
+    for seed in range(seeds):
+        runs["deq"].append(_train(deq_cfg, seed, workdir / name, overrides))
+        runs["unrolled"].append(_train(unrolled_cfg, seed, workdir / name, overrides))
+    machine_str = machine_name(prov["machine"])
+    table = seeds_table(runs)
+    (out / "seeds.json").write_text(json.dumps(table, indent=1))
+    md = seeds_markdown(table, machine_str)
+    (out / "seeds.md").write_text(md + "\n")
+    print(md, flush=True)
+    print("== compute-accuracy curves", flush=True)
+    compute_accuracy(runs, out, machine_str)
+    print("== forward solvers on the trained cells", flush=True)
+    solvers = [solver_steps(wd) for wd in runs["deq"]]
+    (out / "solvers.json").write_text(json.dumps(solvers, indent=1))
+    smd = solvers_markdown(solvers, machine_str)
+    (out / "solvers.md").write_text(smd + "\n")
+    print(smd)
+    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.reproduce", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("set", choices=[*SETS, "stale", "readme"])
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of seeds, 0..N-1 (default: 5 digits, 2 mnist)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/reproduce"),
+                        help="where the training runs go (default runs/reproduce)")
+    parser.add_argument("--mnist-dir", default=os.environ.get("DEQ_MNIST_DIR", ""),
+                        help="folder with the MNIST IDX files (default $DEQ_MNIST_DIR)")
+    args = parser.parse_args(argv)
+    if args.set == "stale":
+        stale = stale_sets()
+        for name, why in stale.items():
+            print(f"stale: experiments/results/{name}: {why}")
+        if not stale:
+            print("every result set is up to date with the code.")
+        return 1 if stale else 0
+    if args.set == "readme":
+        changed = update_readme()
+        print("README results block " + ("updated." if changed else "already up to date."))
+        return 0
+    overrides = []
+    if args.set == "mnist":
+        if not args.mnist_dir or not Path(args.mnist_dir).is_dir():
+            parser.error("the mnist set needs --mnist-dir DIR (or DEQ_MNIST_DIR) with the "
+                         "MNIST IDX files")
+        overrides.append(f"data.dir={args.mnist_dir}")
+    seeds = args.seeds or DEFAULT_SEEDS[args.set]
+    run_set(args.set, seeds, args.workdir, overrides, ["python", "-m", "experiments.reproduce",
+                                                       *argv])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
