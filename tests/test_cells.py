@@ -158,3 +158,114 @@ def test_conv2d_same_custom_vjp_matches_lax_conv():
             g2 = jax.grad(lambda a, b: jnp.sum(jnp.sin(_conv_nhwc(a, b))), argnums=(0, 1))(x, k)
             for a, b in zip(g1, g2):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Tools for a user's own cell: the fast Conv drop-ins and WeightNorm.
+
+
+def _lax_conv(x, k, padding="SAME"):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_fast_conv_general_dilated_gradients_equal_jax_grad_of_the_lax_conv(x64):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    for ksize, padding in ((1, "SAME"), (3, "SAME"), (3, [(1, 1), (1, 1)]), (5, "SAME")):
+        k = jax.random.normal(jax.random.key(ksize), (ksize, ksize, 3, 4))
+        fast = lambda a, b: deq.cells.fast_conv_general_dilated(
+            a, b, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        loss = lambda conv: lambda a, b: jnp.sum(jnp.sin(conv(a, b)))
+        g1 = jax.grad(loss(fast), argnums=(0, 1))(x, k)
+        g2 = jax.grad(loss(lambda a, b: _lax_conv(a, b, padding)), argnums=(0, 1))(x, k)
+        for a, b in zip(g1, g2, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # On CPU the fast gradient is the one lowered (the platform is chosen at lowering time).
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(fast), argnums=1))(x, k))
+    assert "branches_platforms=(('cpu',), None)" in jaxpr
+    # Anything else (here a stride of 2) is lax.conv_general_dilated itself.
+    strided = deq.cells.fast_conv_general_dilated(x, k, (2, 2), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(strided, jax.lax.conv_general_dilated(
+        x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+
+def test_fast_conv_modules_match_flax_conv_in_values_and_gradients(x64):
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5, 5, 3))  # two batch axes, as Flax allows
+    fast = nnx_cells.Conv(3, 4, (3, 3), param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    ref = nnx.Conv(3, 4, (3, 3), param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    g_fast = nnx.grad(loss, argnums=(0, 1))(fast, x)
+    g_ref = nnx.grad(loss, argnums=(0, 1))(ref, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_ref),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # Linen: the same parameters, the same function and gradients as nn.Conv.
+    params = deq.cells.to_linen_params(fast)
+    lin = lambda mod: jax.grad(lambda p, x: jnp.sum(jnp.sin(mod.apply({"params": p}, x))),
+                               argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree_util.tree_leaves(lin(linen_cells.Conv(4, (3, 3)))),
+                    jax.tree_util.tree_leaves(lin(nn.Conv(4, (3, 3)))), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_conv_modules_reject_what_the_fast_path_does_not_cover():
+    for kwargs, what in (({"strides": 2}, "strides=1"), ({"padding": "VALID"}, "padding"),
+                         ({"kernel_dilation": 2}, "dilation"),
+                         ({"feature_group_count": 2}, "feature_group_count")):
+        with pytest.raises(ValueError, match=what):
+            nnx_cells.Conv(4, 4, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+        with pytest.raises(ValueError, match=what):
+            linen_cells.Conv(4, (3, 3), **kwargs)
+    with pytest.raises(ValueError, match="odd kernel"):
+        nnx_cells.Conv(4, 4, (2, 2), rngs=nnx.Rngs(0))
+
+
+def test_weight_norm_wrappers_share_one_layout_and_one_function():
+    x = randn((2, 5, 5, 3), 3)
+    wn = nnx_cells.WeightNorm(nnx_cells.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))
+    params = deq.cells.to_linen_params(wn)
+    assert _shapes(params) == {"layer": {"kernel": (3, 3, 3, 4), "bias": (4,)}, "scale": (4,)}
+    # Wrapping does not change the initial function (g starts at |v|).
+    plain = nn.Conv(4, (3, 3)).apply({"params": params["layer"]}, x)
+    np.testing.assert_allclose(wn(x), plain, rtol=1e-5, atol=1e-5)
+
+    class UserCell(nn.Module):  # the layer is built inside the user's compact method
+        @nn.compact
+        def __call__(self, x):
+            return linen_cells.WeightNorm(linen_cells.Conv(4, (3, 3)))(x)
+
+    user = jax.eval_shape(UserCell().init, jax.random.key(0), x)["params"]
+    assert _shapes(user) == {"WeightNorm_0": _shapes(params)}
+    # After changing v and g: each output channel's kernel has norm |g|, in both frameworks,
+    # and the stored kernel (the direction v) is never overwritten by a call.
+    params = {"layer": {"kernel": 3.0 * params["layer"]["kernel"].at[0, 0].add(1.0),
+                        "bias": params["layer"]["bias"]},
+              "scale": jnp.array([0.5, 1.0, 2.0, 0.1])}
+    deq.cells.load_linen_params(wn, params)
+    np.testing.assert_allclose(jnp.sqrt(jnp.sum(wn.kernel() ** 2, axis=(0, 1, 2))),
+                               params["scale"], rtol=1e-5)
+    out = wn(x)
+    np.testing.assert_array_equal(wn.layer.kernel[...], params["layer"]["kernel"])
+    out_linen = linen_cells.WeightNorm(linen_cells.Conv(4, (3, 3))).apply({"params": params}, x)
+    np.testing.assert_allclose(out, out_linen, rtol=1e-5, atol=1e-5)
+    # Dense/Linear too.
+    lin = nnx_cells.WeightNorm(nnx.Linear(3, 2, rngs=nnx.Rngs(1)))
+    dense = jax.eval_shape(linen_cells.WeightNorm(nn.Dense(2)).init, jax.random.key(0), x)
+    assert _shapes(deq.cells.to_linen_params(lin)) == _shapes(dense["params"])
+    with pytest.raises(TypeError, match="kernel"):
+        nnx_cells.WeightNorm(nnx.GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0)))
+
+
+def test_weight_norm_parameters_are_trained_by_optax():
+    import optax
+
+    wn = nnx_cells.WeightNorm(nnx_cells.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0)))
+    opt = nnx.Optimizer(wn, optax.sgd(0.1), wrt=nnx.Param)
+    before = deq.cells.to_linen_params(wn)
+    grads = nnx.grad(lambda m: jnp.sum(m(randn((1, 4, 4, 2), 1)) ** 2))(wn)
+    opt.update(wn, grads)
+    after = deq.cells.to_linen_params(wn)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after),
+                    strict=True):
+        assert not np.allclose(a, b)

@@ -5,6 +5,16 @@
 * :class:`deq.cells.nnx.MDEQCell` / :class:`deq.cells.linen.MDEQCell`: the MDEQ convolutional
   residual cell with input injection, GroupNorm and weight-normalised convolutions.
 
+Tools for a cell of your own (NNX and Linen, same parameter layouts):
+
+* :class:`deq.cells.nnx.Conv` / :class:`deq.cells.linen.Conv`: drop-ins for Flax's ``Conv``
+  (stride 1, SAME) whose gradient is 5-15x faster on CPU inside the DEQ's loops.
+* :class:`deq.cells.nnx.WeightNorm` / :class:`deq.cells.linen.WeightNorm`: weight
+  normalisation of any ``Conv``/``Linear``/``Dense`` (``kernel = g * v / |v|`` per output).
+* :func:`fast_conv_general_dilated`: the convolution function behind ``Conv``, to pass as
+  ``conv_general_dilated=`` to Flax's own ``Conv``; :func:`conv_same` / :func:`conv2d_same`:
+  the stride-1 SAME convolution with the fast gradient on CPU only / on every backend.
+
 The NNX and Linen versions share their forward math and have the same parameter layout, so
 weights move between them without renaming::
 
@@ -25,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx as _nnx
 
 from deq.cells import linen, nnx
-from deq.cells._functional import conv2d_same
+from deq.cells._functional import conv2d_same, conv_same, fast_conv_general_dilated
 
 
 def to_linen_params(module: _nnx.Module) -> dict:
@@ -50,4 +60,4 @@ def load_linen_params(module: _nnx.Module, params: dict) -> None:
     _nnx.update(module, state)
 
 
-__all__ = ["conv2d_same", "linen", "load_linen_params", "nnx", "to_linen_params"]
+__all__ = ["conv2d_same", "conv_same", "fast_conv_general_dilated", "linen", "load_linen_params", "nnx", "to_linen_params"]

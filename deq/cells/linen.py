@@ -122,4 +122,85 @@ class MDEQCell(nn.Module):
         return F.mdeq_cell(p, z, x, self.num_groups)
 
 
-__all__ = ["MDEQCell", "MLPCell"]
+# --------------------------------------------------------------------------------------------
+# Tools for a user's own cell: a drop-in Conv with the fast CPU gradient, and weight norm.
+
+
+class Conv(nn.Conv):
+    """``nn.Conv`` whose gradient is fast on CPU inside a DEQ's loops (stride 1, SAME).
+
+    A drop-in for ``nn.Conv`` in a cell: same attributes and parameters, same values and
+    gradients; see :class:`deq.cells.nnx.Conv`. Raises ``ValueError`` for configurations the
+    fast path does not cover (strides, dilation, groups, padding other than SAME, even or
+    non-2-D kernels).
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from deq.cells.linen import Conv
+      >>> x = jnp.ones((2, 6, 6, 4))
+      >>> Conv(8, (3, 3)).init_with_output(jax.random.key(0), x)[0].shape
+      (2, 6, 6, 8)
+    """
+
+    conv_general_dilated: Any = F.fast_conv_general_dilated
+
+    def __post_init__(self):
+        from deq.cells.nnx import _check_fast_conv
+
+        _check_fast_conv("deq.cells.linen.Conv", self.kernel_size, self.strides, self.padding,
+                         self.input_dilation, self.kernel_dilation, self.feature_group_count)
+        if self.conv_general_dilated is not F.fast_conv_general_dilated:
+            raise TypeError("deq.cells.linen.Conv sets conv_general_dilated itself.")
+        super().__post_init__()
+
+
+class WeightNorm(nn.Module):
+    r"""Weight normalisation of any layer with a ``kernel``: ``W = g * v / |v|`` per output.
+
+    Wraps ``nn.Dense``, ``nn.Conv``, :class:`Conv` (any module with a ``kernel`` parameter
+    whose last axis is the output one); see :class:`deq.cells.nnx.WeightNorm`. Parameters:
+    ``layer`` (the wrapped layer's own: ``kernel`` -- the direction ``v`` -- and ``bias``) and
+    ``scale`` (``g``, initialised to ``|v|``), the same layout as the NNX wrapper, wherever the
+    wrapped layer was constructed (it is re-homed under this module as ``layer``).
+
+    Attributes:
+      layer: the layer to wrap.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from deq.cells.linen import Conv, WeightNorm
+      >>> conv = WeightNorm(Conv(4, (3, 3), use_bias=False))
+      >>> variables = conv.init(jax.random.key(0), jnp.ones((2, 6, 6, 4)))
+      >>> sorted(variables["params"])
+      ['layer', 'scale']
+    """
+
+    layer: nn.Module
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        def normalise(variables):
+            params = dict(variables["params"])
+            if "kernel" not in params:
+                raise TypeError(
+                    f"WeightNorm wraps a layer with a 'kernel' parameter (nn.Dense, nn.Conv, "
+                    f"deq.cells.linen.Conv); {type(self.layer).__name__} has "
+                    f"{sorted(params)}."
+                )
+            v = params["kernel"]
+            g = self.param("scale", lambda key: F.weight_norm_scale(v))
+            params["kernel"] = F.weight_norm_kernel(v, g)
+            return {**variables, "params": params}
+
+        # One layout wherever the layer was built: a layer constructed inside the user's
+        # compact method belongs to the user's module; re-home a copy under this one.
+        layer = self.layer if self.layer.parent is self else self.layer.copy(name="layer")
+        return nn.map_variables(
+            lambda mdl, *a, **k: mdl(*a, **k), "params", trans_in_fn=normalise,
+            init=self.is_initializing(),
+        )(layer, x, *args, **kwargs)
+
+
+__all__ = ["Conv", "MDEQCell", "MLPCell", "WeightNorm"]

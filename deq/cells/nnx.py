@@ -144,4 +144,108 @@ class MDEQCell(_ParamCell):
         return F.mdeq_cell(self._params(), z, x, self.num_groups)
 
 
-__all__ = ["MDEQCell", "MLPCell"]
+# --------------------------------------------------------------------------------------------
+# Tools for a user's own cell: a drop-in Conv with the fast CPU gradient, and weight norm.
+
+
+def _check_fast_conv(owner: str, kernel_size, strides, padding, input_dilation,
+                     kernel_dilation, feature_group_count) -> None:
+    why = F.fast_conv_supported(kernel_size, strides, padding, input_dilation, kernel_dilation,
+                                feature_group_count)
+    if why is not None:
+        raise ValueError(
+            f"{owner} is the stride-1 'SAME' 2-D convolution of DEQ cells and needs {why}; "
+            "use flax's Conv for other convolutions (e.g. a strided stem outside the DEQ)."
+        )
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` whose gradient is fast on CPU inside a DEQ's loops (stride 1, SAME).
+
+    A drop-in for ``nnx.Conv`` in a cell: same constructor, same parameters (``kernel`` in
+    ``HWIO``, ``bias``), same values and gradients. Only the convolution function differs
+    (:func:`deq.cells.fast_conv_general_dilated`): on CPU its gradient avoids the transposed
+    and backward-filter convolutions that XLA:CPU runs 5-15x slower inside ``while`` loops
+    (the adjoint solve, unrolled backprop); on GPU/TPU it is ``lax.conv_general_dilated``
+    (chosen per platform when the computation is lowered). Restricted to what that fast path
+    covers -- a 2-D odd kernel, ``strides=1``, ``padding='SAME'`` (or the equivalent
+    symmetric padding), no dilation, ``feature_group_count=1`` -- and raises ``ValueError``
+    for anything else.
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deq.cells.nnx import Conv
+      >>> Conv(4, 8, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((2, 6, 6, 4))).shape
+      (2, 6, 6, 8)
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
+                 padding="SAME", input_dilation=1, kernel_dilation=1,
+                 feature_group_count: int = 1, **kwargs):
+        _check_fast_conv("deq.cells.nnx.Conv", kernel_size, strides, padding, input_dilation,
+                         kernel_dilation, feature_group_count)
+        if "conv_general_dilated" in kwargs:
+            raise TypeError("deq.cells.nnx.Conv sets conv_general_dilated itself.")
+        super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
+                         input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+                         feature_group_count=feature_group_count,
+                         conv_general_dilated=F.fast_conv_general_dilated, **kwargs)
+
+
+class WeightNorm(nnx.Module):
+    r"""Weight normalisation of any layer with a ``kernel``: ``W = g * v / |v|`` per output.
+
+    Wraps ``nnx.Linear``, ``nnx.Conv``, :class:`Conv` (or any module holding an ``nnx.Param``
+    named ``kernel`` whose last axis is the output one) and calls it with the kernel
+    :math:`g \, v / \|v\|`, the norm taken per output channel over all other axes (Salimans &
+    Kingma, 2016; as MDEQ does). Each output channel's kernel then has norm :math:`|g|`
+    whatever the optimiser does to ``v``: this bounds the layer's Lipschitz constant by what
+    ``g`` allows, the main thing that keeps a DEQ cell contractive through training. ``g``
+    starts at :math:`\|v\|`, so wrapping does not change the initial function.
+
+    Parameters: ``layer`` (the wrapped layer's own, e.g. ``kernel`` -- the direction ``v`` --
+    and ``bias``) and ``scale`` (``g``, shape ``(out,)``), all ``nnx.Param``: optimisers and
+    ``deq.nnx.DEQ`` see them as usual. The stored ``kernel`` is never overwritten (unlike
+    ``nnx.WeightNorm``, which writes the normalised kernel back into the layer and keeps its
+    scales outside ``nnx.Param``). Same layout as :class:`deq.cells.linen.WeightNorm`.
+
+    Args:
+      layer: the layer to wrap (its own state is used as is; only ``kernel`` is replaced in
+        the call).
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deq.cells.nnx import Conv, WeightNorm
+      >>> conv = WeightNorm(Conv(4, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0)))
+      >>> conv(jnp.ones((2, 6, 6, 4))).shape
+      (2, 6, 6, 4)
+      >>> sorted(nnx.to_pure_dict(nnx.state(conv, nnx.Param)))
+      ['layer', 'scale']
+    """
+
+    def __init__(self, layer: nnx.Module):
+        kernel = getattr(layer, "kernel", None)
+        if not isinstance(kernel, nnx.Param):
+            raise TypeError(
+                f"WeightNorm wraps a layer with an nnx.Param named 'kernel' (nnx.Linear, "
+                f"nnx.Conv, deq.cells.nnx.Conv); {type(layer).__name__} has none."
+            )
+        self.layer = layer
+        self.scale = nnx.Param(F.weight_norm_scale(kernel[...]))
+
+    def kernel(self) -> jax.Array:
+        """The normalised kernel the layer is called with."""
+        return F.weight_norm_kernel(self.layer.kernel[...], self.scale[...])
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        graphdef, state = nnx.split(self.layer)
+        state = nnx.State(dict(state))
+        state["kernel"] = nnx.Param(self.kernel())
+        return nnx.merge(graphdef, state)(x, *args, **kwargs)
+
+
+__all__ = ["Conv", "MDEQCell", "MLPCell", "WeightNorm"]
