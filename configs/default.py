@@ -74,4 +74,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 200  # steps between checkpoints (also at each epoch end)
     config.train.keep_checkpoints = 2
     config.train.progress_bar = True
+    config.train.on_nonfinite = "stop"  # non-finite loss/gradient: 'stop' (exit 1) or 'skip'
     return config

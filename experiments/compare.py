@@ -8,6 +8,10 @@ Usage::
   # only read existing workdirs
   deq-compare --runs runs/mnist/mnist_deq,runs/mnist/mnist_unrolled --out runs/mnist/compare
 
+  # override config fields of every run, with the same syntax as deq-train
+  deq-compare --configs configs/digits_deq.py,configs/digits_unrolled.py --workdir runs/d2 \\
+      --config.train.num_epochs=2
+
 Writes ``comparison.md`` (also printed), ``comparison.json`` and ``*.png`` into ``--out``
 (default ``<workdir>/compare``).
 """
@@ -15,52 +19,15 @@ Writes ``comparison.md`` (also printed), ``comparison.json`` and ``*.png`` into 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from experiments import cli
+from experiments.cli import load_config  # noqa: F401 - the public name it always had
 from experiments.train import read_metrics
 
-
-def load_config(path: str, overrides: list[str] | None = None):
-    """Load an ml_collections config file (``get_config()``) and apply ``a.b=value`` overrides."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"_deq_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in overrides or []:
-        key, _, raw = item.partition("=")
-        key = key.removeprefix("config.")
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config has no field {key!r} (override {item!r}).")
-        old = node[leaf]
-        node[leaf] = _parse_like(raw, old, key)
-    return config
-
-
-def _parse_like(raw: str, old, key: str):
-    try:
-        if isinstance(old, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1")
-        if isinstance(old, int):
-            return int(raw)
-        if isinstance(old, float):
-            return float(raw)
-    except ValueError:
-        raise ValueError(
-            f"config.{key}={raw!r}: expected a {type(old).__name__} like {old!r}."
-        ) from None
-    return raw
+PROG = "deq-compare"
 
 
 def _fmt_bytes(n):
@@ -75,6 +42,8 @@ def _fmt(x, spec=".4f"):
 
 def summarize(workdir: Path) -> dict:
     summary_path = workdir / "summary.json"
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"run directory {workdir} does not exist.")
     if not summary_path.exists():
         raise FileNotFoundError(
             f"{workdir} has no summary.json: the run has not finished (rerun its config to "
@@ -179,34 +148,48 @@ def compare(workdirs: list[Path], out: Path) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{cli.OVERRIDE_HELP}\n(applied to every config of --configs)\n\n"
+               f"{cli.fields_help(None)}")
     parser.add_argument("--configs", default="", help="comma-separated config files to run")
     parser.add_argument("--workdir", default="runs", help="parent workdir for --configs")
     parser.add_argument("--runs", default="", help="comma-separated existing workdirs to read")
     parser.add_argument("--out", default="", help="output folder (default <workdir>/compare)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a field in every config, e.g. --set train.num_epochs=2")
-    args = parser.parse_args(argv)
+                        help=argparse.SUPPRESS)  # the old spelling of --config.FIELD=VALUE
+    args, rest = parser.parse_known_args(argv)
+    overrides = [f"config.{s}" for s in args.set]
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("--config."):
+            cli.fail(PROG, f"unexpected argument {arg!r}; overrides are written "
+                           "--config.FIELD=VALUE (see --help).")
+        if "=" not in arg and rest and not rest[0].startswith("--"):
+            arg = f"{arg}={rest.pop(0)}"
+        overrides.append(arg)
     workdirs = [Path(r) for r in args.runs.split(",") if r]
-    if args.configs:
-        import logging
+    with cli.short_errors(PROG):
+        configs = [load_config(c, overrides) for c in args.configs.split(",") if c]
+        if overrides and not configs:
+            raise cli.ConfigError("--config.FIELD=VALUE overrides apply to --configs only.")
+        if configs:
+            from experiments.train import convergence_report, train_and_evaluate
 
-        from experiments.main import quiet_third_party_logs
-        from experiments.train import train_and_evaluate
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        quiet_third_party_logs()
-        for cfg_path in [c for c in args.configs.split(",") if c]:
-            config = load_config(cfg_path, args.set)
-            wd = Path(args.workdir) / config.name
-            print(f"== {config.name}: training into {wd} (resumes if interrupted)", flush=True)
-            train_and_evaluate(config, wd)
-            workdirs.append(wd)
-    if not workdirs:
-        parser.error("give --configs to run, or --runs to read")
-    out = Path(args.out) if args.out else Path(args.workdir) / "compare"
-    table = compare(workdirs, out)
+            cli.setup_console()
+            for config in configs:
+                wd = Path(args.workdir) / config.name
+                print(f"== {config.name}: training into {wd} (resumes if interrupted)",
+                      flush=True)
+                print(convergence_report(train_and_evaluate(config, wd)), flush=True)
+                workdirs.append(wd)
+        if not workdirs:
+            parser.error("give --configs to run, or --runs to read")
+        out = Path(args.out) if args.out else Path(args.workdir) / "compare"
+        for wd in workdirs:
+            summarize(wd)  # a missing or unfinished run fails before anything is written
+        table = compare(workdirs, out)
     print(table)
     print(f"\nwrote {out}/comparison.md, comparison.json, comparison.png, memory.png")
 

@@ -1,58 +1,91 @@
 """Train a DEQ (or its unrolled baseline) from a config file.
 
-Usage::
+usage: deq-train --config FILE --workdir DIR [--config.FIELD=VALUE ...] [--distributed]
 
   deq-train --config configs/digits_deq.py --workdir runs/digits_deq
-  deq-train --config configs/mnist_deq.py --workdir runs/mnist_deq \
-      --config.data.dir ~/data/mnist --config.solver.max_steps=20
+  deq-train --config configs/mnist_deq.py --workdir runs/mnist_deq \\
+      --config.data.dir=~/data/mnist --config.solver.max_steps=20
 
-Rerunning the same command resumes from the last checkpoint in ``--workdir``. For a multi-host
-run, start the same command on every host with ``--distributed`` (it calls
-``jax.distributed.initialize()``, which reads the coordinator address from the environment
-on Cloud TPU / SLURM, or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+Rerunning the same command resumes from the last checkpoint in --workdir. Prints one line per
+epoch and a final summary (also in DIR/summary.json, with per-epoch records in
+DIR/metrics.jsonl). Exit status: 0 done, 1 the run failed (non-finite loss, damaged
+checkpoint, missing data), 2 bad command line or config. For a multi-host run, start the same
+command on every host with --distributed (it calls jax.distributed.initialize(), which reads
+the coordinator address from the environment on Cloud TPU / SLURM, or from
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
-import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
+
+PROG = "deq-train"
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+FLAGS_HELP = """flags:
+  --config FILE         an ml_collections config file (configs/*.py), required
+  --workdir DIR         checkpoints, metrics.jsonl, summary.json; an existing run resumes
+  --distributed         call jax.distributed.initialize() (multi-host)
+  --config.FIELD=VALUE  override one config field (repeatable)
+  --help                this help; --helpfull lists absl's own flags too"""
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with our --help and short errors instead of tracebacks."""
+    if cli.wants_help(argv[1:]):
+        print(__doc__.strip(), FLAGS_HELP, cli.OVERRIDE_HELP,
+              cli.fields_help(cli.config_path_in(argv)), sep="\n\n")
+        sys.exit(0)
+    path = cli.config_path_in(argv)
+    try:
+        if path is None:
+            raise cli.ConfigError("--config FILE is required (e.g. --config configs/smoke.py); "
+                                  "see --help.")
+        if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
+            raise cli.ConfigError("--workdir DIR is required; see --help.")
+        cli.check_override_fields(cli._base_config(path), cli.override_fields(argv), path)
+        rest = FLAGS(argv)
+    except cli.ConfigError as e:
+        cli.fail(PROG, str(e))
+    except flags.Error as e:
+        cli.fail(PROG, f"{e} (see --help)")
+    if len(rest) > 1:
+        cli.fail(PROG, f"unexpected arguments {rest[1:]}; overrides are written "
+                       "--config.FIELD=VALUE (see --help).")
+    return rest
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    quiet_third_party_logs()
+    del argv
+    cli.setup_console()
     import jax
 
     if FLAGS.distributed:
         jax.distributed.initialize()
-    from experiments.train import train_and_evaluate
+    from experiments.train import convergence_report, train_and_evaluate
 
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with cli.short_errors(PROG):
+        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epochs; summary in {FLAGS.workdir}/summary.json")
+    print(convergence_report(summary))
 
 
 def quiet_third_party_logs():
-    """Orbax and TFDS log every checkpoint step at INFO through absl: keep our own lines."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    for name in ("absl", "orbax", "tensorflow_datasets", "jax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Kept for callers of the old name: see ``experiments.cli.quiet_third_party_logs``."""
+    cli.quiet_third_party_logs()
 
 
 def run():
     """Console entry point (``deq-train``)."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

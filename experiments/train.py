@@ -26,14 +26,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import deq
+from experiments import checkpoints as ckpt_lib
 from experiments import data as data_lib
 from experiments import models
+from experiments.checkpoints import CheckpointError
+from experiments.cli import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 # what is computed. Anything else must match the config stored in the workdir.
 RESUMABLE_FIELDS = {
     "train.progress_bar", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.eval_batch_size", "data.dir", "data.tfds_dir",
+    "train.eval_batch_size", "train.on_nonfinite", "data.dir", "data.tfds_dir",
 }
 
 
@@ -72,7 +74,14 @@ def _get(config, field):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first bad field of ``config``."""
+    """Raise ConfigError (a ValueError) naming the first bad field of ``config``."""
+    try:
+        _validate_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+
+
+def _validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.name", data_lib.DATASETS)
     _choice(config, "mode", models.MODES)
     _choice(config, "model.cell", models.CELLS)
@@ -88,6 +97,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "adjoint.solver", models.ADJOINT_SOLVERS)
     _choice(config, "optim.name", ("adamw", "adam", "sgd"))
     _choice(config, "optim.schedule", ("cosine", "constant"))
+    _choice(config, "train.on_nonfinite", ("stop", "skip"))
     _choice(config, "solver.precision", ("", "default", "high", "highest", "float32",
                                          "bfloat16", "tensorfloat32"))
     for f in ("model.features", "solver.max_steps", "adjoint.max_steps", "adjoint.phantom_steps",
@@ -136,10 +146,11 @@ def _flatten_config(cfg, prefix=""):
 
 # Config fields added after runs were already stored, with the value that reproduces those
 # older runs: a stored config without the field resumes as if it had this value.
-ADDED_FIELDS = {"model.head": "pool"}
+ADDED_FIELDS = {"model.head": "pool", "train.on_nonfinite": "stop"}
 
 
 def _check_stored_config(config, workdir: Path) -> None:
+    """Refuse to resume a run stored in ``workdir`` with a different config (writes nothing)."""
     path = workdir / "config.json"
     current = _flatten_config(config.to_dict())
     if path.exists():
@@ -154,8 +165,12 @@ def _check_stored_config(config, workdir: Path) -> None:
                 f"workdir {workdir} holds a run with a different config ({details}). Resuming "
                 "would mix two experiments: use a new --workdir, or delete this one."
             )
-    else:
-        path.write_text(json.dumps(current, indent=1, sort_keys=True))
+
+
+def _store_config(config, workdir: Path) -> None:
+    path = workdir / "config.json"
+    if not path.exists():
+        path.write_text(json.dumps(_flatten_config(config.to_dict()), indent=1, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,14 +233,22 @@ def make_train_step(task: Task):
         (_, (ce, jac, logits, stats)), (grads, probe_grad) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True
         )(params, probe)
-        updates, opt_state = task.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves the parameters and optimiser state as they were
+        # (no host sync here: the loop reads the flag with the other metrics).
+        finite = jnp.isfinite(ce) & jnp.isfinite(jac) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = task.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o),
+                                                       new, old)
+        params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
         bwd = deq.backward_stats(probe_grad)
         metrics = {
+            "finite": finite,
             "loss": ce,
             "jac_loss": jac,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             **_stats_metrics("fwd", stats),
             "bwd_steps": bwd.num_steps,
             "bwd_rel_residual": bwd.rel_residual,
@@ -249,6 +272,7 @@ def make_eval_step(task: Task):
             "count": jnp.sum(mask),
             "fwd_steps": stats.num_steps,
             "fwd_rel_residual": stats.rel_residual,
+            "fwd_converged": stats.converged,
         }
 
     return eval_step
@@ -258,43 +282,38 @@ def make_eval_step(task: Task):
 # Checkpoints and metrics
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored into this run's model."""
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient (``train.on_nonfinite='stop'``)."""
 
 
-def _abstract(tree, sharding):
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
-    )
-
-
-def restore_latest(manager: ocp.CheckpointManager, target, sharding, directory: Path):
-    step = manager.latest_step()
-    if step is None:
-        return None, None
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(_abstract(target,
-                                                                                  sharding)))
-    except Exception as e:  # orbax raises many types; the user needs one clear message
-        raise CheckpointError(
-            f"cannot restore the checkpoint of step {step} in {directory}: "
-            f"{type(e).__name__}: {e}. It is corrupt or was written by a different model or "
-            "config. It was left untouched: move it away or use a new --workdir."
-        ) from e
-    return step, restored
+def _parse_metrics(path: Path) -> list[dict]:
+    """The records of ``path``; lines that do not parse (a crash mid-write leaves a truncated
+    last line) are dropped with a warning naming them."""
+    records, bad = [], []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad.append(i)
+    if bad:
+        where = ("its truncated last line" if bad == [len(lines)]
+                 else f"unreadable line(s) {', '.join(map(str, bad))}")
+        logger.warning("%s: dropped %s (written by an interrupted run).", path, where)
+    return records
 
 
 class MetricsWriter:
-    """JSON lines in ``workdir/metrics.jsonl``; on resume, drops lines past the checkpoint."""
+    """JSON lines in ``workdir/metrics.jsonl``; on resume, drops lines past the checkpoint
+    and lines that do not parse (a truncated last line from a crash mid-write)."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            kept = [
-                line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in _parse_metrics(path) if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self._f = open(path, "a")  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict) -> None:
@@ -309,7 +328,51 @@ def read_metrics(workdir) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_metrics(path)
+
+
+class EpochStats:
+    """Running sums of one epoch's training metrics. Saved with every checkpoint
+    (``progress``), so an epoch resumed mid-way averages over all of its steps."""
+
+    def __init__(self, epoch: int, state: dict | None = None):
+        state = state if state and state.get("epoch") == epoch else {}
+        self.epoch = epoch
+        self.sums: dict[str, float] = dict(state.get("sums", {}))
+        self.maxima: dict[str, float] = dict(state.get("maxima", {}))
+        self.counts: dict[str, int] = {"steps": 0, "skipped": 0, "fwd_unconverged": 0,
+                                       "bwd_unconverged": 0, **state.get("counts", {})}
+        self.seconds = float(state.get("seconds", 0.0))
+        self.restored = bool(state)
+
+    def add(self, metrics: dict) -> None:
+        self.counts["steps"] += 1
+        if not metrics["finite"]:
+            self.counts["skipped"] += 1
+            return
+        self.counts["fwd_unconverged"] += not metrics["fwd_converged"]
+        self.counts["bwd_unconverged"] += not metrics["bwd_converged"]
+        for k, v in metrics.items():
+            if k != "finite":
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        for k in ("fwd_steps", "bwd_steps"):
+            self.maxima[k] = max(self.maxima.get(k, 0.0), float(metrics[k]))
+
+    def state(self, seconds: float) -> dict:
+        return {"epoch": self.epoch, "sums": self.sums, "maxima": self.maxima,
+                "counts": self.counts, "seconds": self.seconds + seconds}
+
+    def record(self) -> dict:
+        n = self.counts["steps"] - self.counts["skipped"]
+        return {
+            **({f"train_{k}": v / n for k, v in self.sums.items()} if n else {}),
+            "train_fwd_steps_max": self.maxima.get("fwd_steps"),
+            "train_bwd_steps_max": self.maxima.get("bwd_steps"),
+            "train_steps": self.counts["steps"],
+            "train_skipped_steps": self.counts["skipped"],
+            "train_fwd_unconverged": self.counts["fwd_unconverged"],
+            "train_bwd_unconverged": self.counts["bwd_unconverged"],
+        }
 
 
 def _to_py(tree):
@@ -350,16 +413,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Args:
       config: see ``configs/default.py``.
       workdir: checkpoints, metrics and the summary go here; an existing run there resumes.
+        Nothing is written there before the data and the model are set up, so a run that
+        fails to start (bad config, missing data) leaves no trace.
       stop_after: stop abruptly after this many training steps of this call, without a
         final checkpoint or summary, exactly like an interrupted job (used by the resume
         tests and for time-boxed jobs); None runs to the end.
 
     Returns:
       The summary dict also written to ``workdir/summary.json`` (None if stopped early).
+
+    Raises:
+      ValueError / FileNotFoundError: a bad config or missing data (nothing written).
+      CheckpointError: the latest checkpoint is damaged, corrupt or non-finite (left untouched).
+      NonFiniteError: a non-finite loss or gradient with ``train.on_nonfinite='stop'``.
     """
     validate_config(config)
     workdir = Path(workdir).expanduser()
-    workdir.mkdir(parents=True, exist_ok=True)
     _check_stored_config(config, workdir)
 
     train, test, info = data_lib.load_dataset(
@@ -367,11 +436,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         limit_train=config.data.limit_train or None, limit_test=config.data.limit_test or None,
     )
     bs = config.train.batch_size
-    steps_per_epoch = data_lib.steps_per_epoch(train, bs)
-    if steps_per_epoch == 0:
+    if bs > len(train):
         raise ValueError(
             f"config.train.batch_size={bs} is larger than the training set ({len(train)})."
         )
+    steps_per_epoch = data_lib.steps_per_epoch(train, bs)
     total_steps = steps_per_epoch * config.train.num_epochs
 
     # Data parallelism: the batch is split over all devices, parameters are replicated.
@@ -399,19 +468,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     num_params = sum(int(np.prod(np.shape(p))) for p in jax.tree_util.tree_leaves(params))
     task = Task(graphdef, eval_graphdef, tx, float(config.reg.jac_weight))
 
-    ckpt_dir = workdir / "checkpoints"
-    manager = ocp.CheckpointManager(
-        ckpt_dir.absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.train.keep_checkpoints, create=True,
-            enable_async_checkpointing=False,
-        ),
-    )
+    # Data and model are set up: from here on the run has a workdir.
+    workdir.mkdir(parents=True, exist_ok=True)
+    _store_config(config, workdir)
+    ckpt_dir = (workdir / "checkpoints").absolute()
+    manager = ckpt_lib.make_manager(ckpt_dir, config.train.keep_checkpoints)
     state = {"params": params, "opt_state": opt_state}
-    start_step, restored = restore_latest(manager, state, replicated, ckpt_dir)
+    start_step, restored, progress = ckpt_lib.restore_latest(manager, state, replicated,
+                                                             ckpt_dir)
     if restored is not None:
         state = restored
-        logger.info("resumed from step %d in %s", start_step, ckpt_dir)
+        logger.info("resumed from step %d (checkpoint %s)", start_step, ckpt_dir / str(start_step))
     start_step = start_step or 0
     state = jax.device_put(state, replicated)
     params, opt_state = state["params"], state["opt_state"]
@@ -443,14 +510,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "compile_seconds": compile_s,
     }
     (workdir / "run_info.json").write_text(json.dumps(run_info, indent=1))
-    logger.info("%s", run_info)
+    logger.debug("%s", run_info)
+
+    def save(step, epoch_stats, seconds, force=False):
+        ckpt_lib.save(manager, step, {"params": params, "opt_state": opt_state},
+                      {"epoch": epoch_stats.state(seconds)}, force=force)
 
     step = start_step
     epoch_records = [r for r in read_metrics(workdir) if r.get("kind") == "epoch"]
     for epoch in range(start_step // steps_per_epoch, config.train.num_epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a restart
         batches = data_lib.train_batches(train, bs, seed=config.seed, epoch=epoch)
-        agg: dict[str, list] = {}
+        stats = EpochStats(epoch, (progress or {}).get("epoch") if skip else None)
+        partial = bool(skip) and not stats.restored  # a checkpoint without the partial sums
         epoch_t0 = time.perf_counter()
         bar = _progress(config, steps_per_epoch, skip, epoch)
         for i, (images, labels) in enumerate(batches):
@@ -463,11 +535,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             metrics = _to_py(jax.device_get(metrics))
             metrics["step_time"] = time.perf_counter() - t
             step += 1
+            if not metrics["finite"]:
+                _nonfinite(config, step, metrics, manager, ckpt_dir, writer)
             if stop_after is not None and step - start_step >= stop_after:
                 writer.close()
                 return None
-            for k, v in metrics.items():
-                agg.setdefault(k, []).append(float(v))
+            stats.add(metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
@@ -475,37 +548,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if step % config.train.log_every == 0:
                 writer.write({"kind": "train", "step": step, "epoch": epoch, **metrics})
             if step % config.train.checkpoint_every == 0 and step % steps_per_epoch:
-                manager.save(step, args=ocp.args.StandardSave({"params": params,
-                                                               "opt_state": opt_state}))
+                save(step, stats, time.perf_counter() - epoch_t0)
         if bar is not None:
             bar.close()
-        epoch_time = time.perf_counter() - epoch_t0
+        epoch_time = stats.seconds + time.perf_counter() - epoch_t0
         ev = evaluate(eval_step, params, eval_rest, test, config.train.eval_batch_size, put_batch)
         record = {
             "kind": "epoch", "step": step, "epoch": epoch + 1, "epoch_time": epoch_time,
-            **{f"train_{k}": float(np.mean(v)) for k, v in agg.items()},
-            "train_fwd_steps_max": float(np.max(agg["fwd_steps"])) if agg else None,
-            "train_bwd_steps_max": float(np.max(agg["bwd_steps"])) if agg else None,
+            **stats.record(),
             **{f"test_{k}": v for k, v in ev.items()},
             "peak_memory_bytes": _peak_memory(),
+            **({"partial": True} if partial else {}),
         }
         writer.write(record)
         epoch_records.append(record)
-        logger.info(
-            "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | fwd steps %.1f "
-            "bwd steps %.1f | %.1fs", epoch + 1, record.get("train_loss", float("nan")),
-            record.get("train_accuracy", float("nan")), ev["loss"], ev["accuracy"],
-            record.get("train_fwd_steps", float("nan")),
-            record.get("train_bwd_steps", float("nan")), epoch_time,
-        )
-        manager.save(step, args=ocp.args.StandardSave({"params": params,
-                                                       "opt_state": opt_state}), force=True)
+        logger.info("%s", epoch_line(record, config.train.num_epochs))
+        save(step, EpochStats(epoch + 1), 0.0, force=True)
     manager.wait_until_finished()
     writer.close()
 
     step_times = [r["step_time"] for r in read_metrics(workdir)
                   if r.get("kind") == "train" and r["step"] > 1]
     last = epoch_records[-1] if epoch_records else {}
+    count = lambda key: int(sum(r.get(key) or 0 for r in epoch_records))
     summary = {
         **run_info,
         "final_step": step,
@@ -522,24 +587,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "test_fwd_steps": last.get("test_fwd_steps"),
         "test_fwd_rel_residual": last.get("test_fwd_rel_residual"),
         "peak_memory_bytes": last.get("peak_memory_bytes"),
+        # Every solve of the run (all epochs, resumed ones included), counted per batch.
+        "train_steps": count("train_steps"),
+        "skipped_steps": count("train_skipped_steps"),
+        "train_fwd_unconverged": count("train_fwd_unconverged"),
+        "train_bwd_unconverged": count("train_bwd_unconverged"),
+        "eval_batches": count("test_batches"),
+        "eval_fwd_unconverged": count("test_fwd_unconverged"),
+        "partial_epochs": sum(bool(r.get("partial")) for r in epoch_records),
     }
+    summary["all_solves_converged"] = not (
+        summary["train_fwd_unconverged"] or summary["train_bwd_unconverged"]
+        or summary["eval_fwd_unconverged"]
+    )
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
+def _nonfinite(config, step, metrics, manager, ckpt_dir, writer) -> None:
+    """A step whose loss or gradient is not finite: its update was not applied. Stop (the
+    default) or, with ``train.on_nonfinite='skip'``, warn and go on."""
+    what = (f"loss {metrics['loss']:.4g}, Jacobian penalty {metrics['jac_loss']:.4g}, "
+            f"gradient norm {metrics['grad_norm']:.4g}")
+    if config.train.on_nonfinite == "skip":
+        logger.warning("step %d: non-finite %s; skipped (its update was not applied).", step,
+                       what)
+        return
+    writer.write({"kind": "nonfinite", "step": step, **metrics})
+    writer.close()
+    last = manager.latest_step()
+    where = (f"the last good checkpoint is step {last} ({ckpt_dir / str(last)}); rerunning the "
+             "same command resumes from it" if last is not None
+             else "there is no checkpoint yet")
+    raise NonFiniteError(
+        f"training stopped at step {step}: non-finite {what}. The update of this step was not "
+        f"applied and nothing after it was saved; {where}. Lower optim.learning_rate, enable "
+        "optim.grad_clip, or set --config.train.on_nonfinite=skip to skip such steps."
+    )
+
+
+def epoch_line(r: dict, num_epochs: int) -> str:
+    """The console line of one epoch record."""
+    f = lambda key, spec: "n/a" if r.get(key) is None else format(r[key], spec)
+    skipped = f", {r['train_skipped_steps']} skipped" if r.get("train_skipped_steps") else ""
+    return (
+        f"epoch {r['epoch']}/{num_epochs}: train loss {f('train_loss', '.4f')} "
+        f"acc {f('train_accuracy', '.4f')}{skipped} | test acc {f('test_accuracy', '.4f')} | "
+        f"fwd steps {f('train_fwd_steps', '.1f')} res {f('train_fwd_rel_residual', '.1e')} | "
+        f"bwd steps {f('train_bwd_steps', '.1f')} res {f('train_bwd_rel_residual', '.1e')} | "
+        f"{r['epoch_time']:.1f}s" + (" (partial: resumed without epoch sums)"
+                                     if r.get("partial") else "")
+    )
+
+
+def convergence_report(summary: dict) -> str:
+    """One line: did every forward and backward solve converge, and how many did not."""
+    def part(label, bad, total):
+        return f"{label} all {total} converged" if not bad else \
+            f"{label} {bad} of {total} did NOT converge"
+
+    n = summary.get("train_steps", 0) - summary.get("skipped_steps", 0)
+    line = "; ".join([
+        part("forward solves (train batches):", summary.get("train_fwd_unconverged", 0), n),
+        part("backward solves:", summary.get("train_bwd_unconverged", 0), n),
+        part("forward solves (eval batches):", summary.get("eval_fwd_unconverged", 0),
+             summary.get("eval_batches", 0)),
+    ])
+    if summary.get("skipped_steps"):
+        line += f"; {summary['skipped_steps']} training steps skipped (non-finite)"
+    if summary.get("mode") == "unrolled":
+        line += " (unrolled mode: a fixed number of steps, convergence is not required)"
+    return line
+
+
 def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """The raw ``{"params", "opt_state"}`` arrays of a run's latest (or given) checkpoint."""
-    directory = (Path(workdir) / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}.")
-    return step, manager.restore(step, args=ocp.args.StandardRestore())
+    """The raw ``{"params", "opt_state"}`` arrays of a run's latest (or given) checkpoint,
+    verified against its digest."""
+    return ckpt_lib.load(Path(workdir) / "checkpoints", step)
 
 
 def evaluate(eval_step, params, rest, split, batch_size, put_batch) -> dict:
     loss = correct = count = 0.0
-    steps, residuals = [], []
+    steps, residuals, unconverged = [], [], 0
     for images, labels, mask in data_lib.eval_batches(split, batch_size, pad=True):
         out = jax.device_get(eval_step(params, rest, *put_batch(images, labels, mask)))
         loss += float(out["loss_sum"])
@@ -547,10 +676,12 @@ def evaluate(eval_step, params, rest, split, batch_size, put_batch) -> dict:
         count += float(out["count"])
         steps.append(int(out["fwd_steps"]))
         residuals.append(float(out["fwd_rel_residual"]))
+        unconverged += not bool(out["fwd_converged"])
     return {
         "loss": loss / count, "accuracy": correct / count,
         "fwd_steps": float(np.mean(steps)), "fwd_steps_max": int(np.max(steps)),
         "fwd_rel_residual": float(np.max(residuals)),
+        "batches": len(steps), "fwd_unconverged": unconverged,
     }
 
 
@@ -580,5 +711,5 @@ def _progress(config, total, initial, epoch):
                 leave=False, dynamic_ncols=True)
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_metrics", "train_and_evaluate",
-           "validate_config"]
+__all__ = ["CheckpointError", "NonFiniteError", "convergence_report", "load_checkpoint",
+           "read_metrics", "train_and_evaluate", "validate_config"]
