@@ -41,7 +41,7 @@ SETS = {
     "mnist": ("configs/mnist_deq.py", "configs/mnist_unrolled.py"),
 }
 DEFAULT_SEEDS = {"digits": 5, "mnist": 2}
-STEPS_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 50)
+STEPS_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 50)
 SOLVER_RTOL = 1e-4
 SOLVER_MAX_STEPS = 200
 
@@ -210,40 +210,52 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
 # Trained models: compute-accuracy curve and forward solvers on the trained cell
 
 
-def _load_trained(wd: Path, **overrides):
-    """The evaluation model of a finished run with its trained parameters, and its test set."""
+def _set_fields(config, fields: dict) -> None:
+    for key, value in fields.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+
+def _eval_model(wd: Path, **overrides):
+    """The evaluation model described by a run's stored config (plus overrides), its test set."""
     from flax import nnx
 
     from experiments import data as data_lib
     from experiments import models
     from experiments.compare import load_config
-    from experiments.train import load_checkpoint
 
-    stored = json.loads((wd / "config.json").read_text())
     config = load_config(str(ROOT / "configs" / "default.py"))
-    for k, v in stored.items():
-        node = config
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    for k, v in overrides.items():
-        node = config
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    _set_fields(config, json.loads((wd / "config.json").read_text()))
+    _set_fields(config, overrides)
     _, test, info = data_lib.load_dataset(
         config.data.name, data_dir=config.data.dir or None,
         tfds_dir=config.data.tfds_dir or None, limit_test=config.data.limit_test or None,
     )
     model = models.Classifier(config, tuple(info["image_shape"]), info["num_classes"],
                               evaluation=True, rngs=nnx.Rngs(0))
+    return model, test
+
+
+def _load_params(model, wd: Path) -> None:
+    """Put the parameters of a run's latest checkpoint into ``model`` (same architecture)."""
+    from flax import nnx
+
+    from experiments.train import load_checkpoint
+
     _, state = load_checkpoint(wd)
+
+    def pure(tree):  # orbax restores each nnx.Param as {"value": array}
+        if isinstance(tree, dict):
+            return pure(tree["value"]) if set(tree) == {"value"} else {
+                k: pure(v) for k, v in tree.items()}
+        return tree
+
     params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, state["params"])
+    nnx.replace_by_pure_dict(params, pure(state["params"]))
     nnx.update(model, params)
-    return model, test, config
 
 
 def _batches(split, size=500):
@@ -251,14 +263,17 @@ def _batches(split, size=500):
         yield np.asarray(split.images[i:i + size]), np.asarray(split.labels[i:i + size])
 
 
-def accuracy_at_depth(wd: Path, steps: int) -> dict:
-    """Test accuracy and residuals of a trained run when its solve gets exactly ``steps``."""
+def accuracy_at_depth(wds: list[Path], steps: int) -> list[dict]:
+    """Test accuracy and residuals of trained runs (one config) when the solve gets ``steps``.
+
+    One model and one compilation serve every run: only the parameters change.
+    """
     import jax.numpy as jnp
     from flax import nnx
 
-    # A tolerance below reach, so the DEQ uses the whole budget like the unrolled network.
-    model, test, _ = _load_trained(wd, **{"solver.eval_max_steps": steps,
-                                          "solver.eval_rtol": 1e-12, "solver.atol": 1e-12})
+    # A tolerance out of reach, so the DEQ uses the whole budget like the unrolled network.
+    model, test = _eval_model(wds[0], **{"solver.eval_max_steps": steps,
+                                         "solver.eval_rtol": 1e-12, "solver.atol": 1e-12})
 
     @nnx.jit
     def run(model, images):
@@ -266,20 +281,26 @@ def accuracy_at_depth(wd: Path, steps: int) -> dict:
         s = model.deq.stats.get_value()
         return jnp.argmax(logits, -1), s.mean_rel_residual, s.rel_residual
 
-    correct, mean_res, worst = 0, [], []
-    for images, labels in _batches(test):
-        pred, m, w = run(model, images)
-        correct += int(np.sum(np.asarray(pred) == labels))
-        mean_res.append(float(m) * len(labels))
-        worst.append(float(w))
-    n = len(test.labels)
-    return {"steps": steps, "accuracy": correct / n, "mean_rel_residual": sum(mean_res) / n,
-            "worst_rel_residual": max(worst)}
+    out = []
+    for wd in wds:
+        _load_params(model, wd)
+        correct, mean_res, worst = 0, 0.0, []
+        for images, labels in _batches(test):
+            pred, m, w = run(model, images)
+            correct += int(np.sum(np.asarray(pred) == labels))
+            mean_res += float(m) * len(labels)
+            worst.append(float(w))
+        n = len(test.labels)
+        out.append({"steps": steps, "accuracy": correct / n, "mean_rel_residual": mean_res / n,
+                    "worst_rel_residual": max(worst)})
+    return out
 
 
 def compute_accuracy(runs: dict[str, list[Path]], out: Path, machine_str: str) -> dict:
-    curves = {mode: [[accuracy_at_depth(wd, k) for k in STEPS_GRID] for wd in wds]
-              for mode, wds in runs.items()}
+    curves = {}
+    for mode, wds in runs.items():
+        by_depth = [accuracy_at_depth(wds, k) for k in STEPS_GRID]  # [depth][seed]
+        curves[mode] = [list(seed) for seed in zip(*by_depth)]  # [seed][depth]
     (out / "compute_accuracy.json").write_text(json.dumps(curves, indent=1))
 
     import matplotlib
@@ -320,7 +341,8 @@ def solver_steps(wd: Path) -> dict:
 
     import deq
 
-    model, test, _ = _load_trained(wd)
+    model, test = _eval_model(wd)
+    _load_params(model, wd)
     layer = model.deq
     graphdef, state = nnx.split(layer.cell)
 
