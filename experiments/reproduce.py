@@ -125,7 +125,7 @@ def stale_sets(results: Path = RESULTS) -> dict[str, str]:
 
 
 def _train(config_path: str, seed: int, workdir: Path, overrides: list[str]) -> Path:
-    from experiments.compare import load_config
+    from experiments.cli import load_config
     from experiments.train import train_and_evaluate
 
     config = load_config(str(ROOT / config_path),
@@ -225,7 +225,7 @@ def _eval_model(wd: Path, **overrides):
 
     from experiments import data as data_lib
     from experiments import models
-    from experiments.compare import load_config
+    from experiments.cli import load_config
 
     config = load_config(str(ROOT / "configs" / "default.py"))
     _set_fields(config, json.loads((wd / "config.json").read_text()))
@@ -454,12 +454,13 @@ def update_readme(path: Path = README) -> bool:
 # Command line
 
 
-def run_set(name: str, seeds: int, workdir: Path, overrides: list[str], command: list[str]):
+def run_set(name: str, seeds: int, workdir: Path, overrides: list[str], command: list[str],
+            out: Path | None = None):
     prov = provenance(command)
     if prov["dirty"]:
         print("warning: the code has uncommitted changes; this set will be marked dirty "
               "(stale) until rerun from a clean commit.", file=sys.stderr)
-    out = RESULTS / name
+    out = out or RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     deq_cfg, unrolled_cfg = SETS[name]
     runs = {"deq": [], "unrolled": []}
@@ -496,7 +497,14 @@ def main(argv=None) -> int:
                         help="where the training runs go (default runs/reproduce)")
     parser.add_argument("--mnist-dir", default=os.environ.get("DEQ_MNIST_DIR", ""),
                         help="folder with the MNIST IDX files (default $DEQ_MNIST_DIR)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result folder (default experiments/results/<set>)")
+    parser.epilog = ("Config fields of every run can be overridden as in deq-train: "
+                     "--config.<field>=<value>, e.g. --config.train.num_epochs=2.")
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.set == "stale":
         stale = stale_sets()
         for name, why in stale.items():
@@ -508,15 +516,15 @@ def main(argv=None) -> int:
         changed = update_readme()
         print("README results block " + ("updated." if changed else "already up to date."))
         return 0
-    overrides = []
+    overrides = [a.removeprefix("--") for a in rest]
     if args.set == "mnist":
         if not args.mnist_dir or not Path(args.mnist_dir).is_dir():
             parser.error("the mnist set needs --mnist-dir DIR (or DEQ_MNIST_DIR) with the "
                          "MNIST IDX files")
         overrides.append(f"data.dir={args.mnist_dir}")
     seeds = args.seeds or DEFAULT_SEEDS[args.set]
-    run_set(args.set, seeds, args.workdir, overrides, ["python", "-m", "experiments.reproduce",
-                                                       *argv])
+    run_set(args.set, seeds, args.workdir, overrides,
+            ["python", "-m", "experiments.reproduce", *argv], out=args.out)
     return 0
 
 
