@@ -25,13 +25,14 @@ import jax.numpy as jnp
 Params = dict
 
 
-def weight_norm_scale(v: jax.Array) -> jax.Array:
-    """Per-output-channel norm of a kernel (norm over all axes but the last, the output one).
+def weight_norm_scale(v: jax.Array, init_scale: float = 1.0) -> jax.Array:
+    """``init_scale`` times the per-output-channel norm of a kernel (all axes but the last).
 
     The initial gain ``g`` of weight normalisation: with ``g = |v|`` the normalised kernel
-    starts equal to ``v`` itself, so wrapping a layer does not change its initial function.
+    starts equal to ``v`` itself, so wrapping a layer does not change its initial function;
+    ``init_scale < 1`` starts it as ``init_scale * v`` (a more contractive cell).
     """
-    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1))))
+    return init_scale * jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1))))
 
 
 def weight_norm_kernel(v: jax.Array, g: jax.Array) -> jax.Array:

@@ -166,6 +166,7 @@ class WeightNorm(nn.Module):
 
     Attributes:
       layer: the layer to wrap.
+      init_scale: ``g`` starts at ``init_scale * |v|`` (see the NNX wrapper).
 
     Example usage::
 
@@ -178,6 +179,7 @@ class WeightNorm(nn.Module):
     """
 
     layer: nn.Module
+    init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
@@ -190,7 +192,7 @@ class WeightNorm(nn.Module):
                     f"{sorted(params)}."
                 )
             v = params["kernel"]
-            g = self.param("scale", lambda key: F.weight_norm_scale(v))
+            g = self.param("scale", lambda key: F.weight_norm_scale(v, self.init_scale))
             params["kernel"] = F.weight_norm_kernel(v, g)
             return {**variables, "params": params}
 
