@@ -1,18 +1,28 @@
-"""What the NNX and Linen DEQ layers share: option checks, the starting point, the solve and
-the Jacobian penalty, and the messages that reject stateful layers inside a cell.
+"""What the NNX and Linen DEQ layers share: option checks, the starting point, the solve (compiled
+once per static configuration), the Jacobian penalty, the warning about training solves that
+keep failing, and the messages that reject stateful layers inside a cell.
 
-Both layers reduce a call to ``solve(fn, z0, (cell_state, x), ...)`` with
-``fn(z, (cell_state, x)) = cell(z, x)``: the cell's parameters are an explicit argument of
-:func:`deq.fixed_point`, so they receive gradients through its custom VJP.
+Both layers reduce a call to :func:`forward` with a hashable *cell adapter* ``cell`` that
+applies the cell functionally, ``cell(state, z, x)``, and a hashable :class:`CallOptions`:
+the map of the solve is ``fn(z, (state, x)) = cell(state, z, x)``. The cell's parameters are
+thus an explicit argument of :func:`deq.fixed_point` and receive gradients through its custom
+VJP, and the whole forward pass sits in one ``jax.jit`` whose static arguments are the adapter
+and the options, so that an eager (un-jitted) call compiles once per cell structure, shapes
+and options instead of on every call. Under an outer ``jit`` the inner one is inlined.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deq._adjoint import Adjoint
 from deq._fixed_point import fixed_point
@@ -21,6 +31,7 @@ from deq._solvers import ForwardSolver
 from deq.regularization import jacobian_regularization
 
 DEFAULT_MAX_STEPS = 30
+DEFAULT_WARN_UNCONVERGED_AFTER = 20
 
 # Why each kind of stateful layer cannot live inside a fixed-point map, and what to use instead.
 _BATCHNORM = (
@@ -44,9 +55,11 @@ _RNG = (
     "fixed point. Keep randomness outside the DEQ layer."
 )
 _MUTABLE = (
-    "a variable that the cell updates would be updated on every solver iteration (and the "
-    "updates are dropped by the solve). Keep only parameters in the cell: use GroupNorm or "
-    "LayerNorm instead of BatchNorm and weight normalisation instead of spectral norm."
+    "a variable that the cell updates would be updated on every solver iteration, with "
+    "values of iterates that are not the fixed point (and the solve cannot keep the "
+    "updates). Keep only parameters in the cell: use GroupNorm or LayerNorm instead of "
+    "BatchNorm and weight normalisation instead of spectral norm; keep counters and running "
+    "statistics outside the DEQ layer."
 )
 REASONS = {
     "BatchNorm": _BATCHNORM,
@@ -71,9 +84,9 @@ class LayerStats(NamedTuple):
       rel_residual: ``|f(z) - z| / |f(z)|``, worst sample.
       mean_abs_residual: ``|f(z) - z|`` averaged over the samples.
       mean_rel_residual: ``|f(z) - z| / |f(z)|`` averaged over the samples.
-      abs_trace: shape ``(max_steps,)``, worst-sample absolute residual per step (NaN after
-        ``num_steps``).
-      rel_trace: shape ``(max_steps,)``, likewise relative.
+      abs_trace: shape ``(max(max_steps, eval_max_steps),)``, worst-sample absolute residual
+        per step (NaN after ``num_steps``).
+      rel_trace: likewise relative.
       converged: bool, every sample met the solver's tolerance.
       result: int32 :class:`deq.RESULTS` code.
     """
@@ -89,25 +102,30 @@ class LayerStats(NamedTuple):
     result: Any
 
     @classmethod
-    def from_solver_stats(cls, stats: SolverStats) -> LayerStats:
+    def from_solver_stats(cls, stats: SolverStats, trace_length: int) -> LayerStats:
         f32 = lambda a: jnp.asarray(a, jnp.float32)
+
+        def trace(t):  # padded with NaN to the layer's longest budget (train or eval)
+            t = f32(t)
+            return jnp.pad(t, (0, trace_length - t.shape[0]), constant_values=jnp.nan)
+
         return cls(
             num_steps=jnp.asarray(stats.num_steps, jnp.int32),
             abs_residual=f32(stats.abs_residual),
             rel_residual=f32(stats.rel_residual),
             mean_abs_residual=f32(jnp.mean(stats.abs_residual_per_sample)),
             mean_rel_residual=f32(jnp.mean(stats.rel_residual_per_sample)),
-            abs_trace=f32(stats.abs_trace),
-            rel_trace=f32(stats.rel_trace),
+            abs_trace=trace(stats.abs_trace),
+            rel_trace=trace(stats.rel_trace),
             converged=jnp.asarray(stats.converged, jnp.bool_),
             result=jnp.asarray(stats.result, jnp.int32),
         )
 
     @classmethod
-    def before_first_call(cls, max_steps: int) -> LayerStats:
+    def before_first_call(cls, trace_length: int) -> LayerStats:
         """Placeholder with the final shapes: zero steps, NaN residuals, not converged."""
         nan = jnp.full((), jnp.nan, jnp.float32)
-        trace = jnp.full((max_steps,), jnp.nan, jnp.float32)
+        trace = jnp.full((trace_length,), jnp.nan, jnp.float32)
         return cls(
             num_steps=jnp.zeros((), jnp.int32), abs_residual=nan, rel_residual=nan,
             mean_abs_residual=nan, mean_rel_residual=nan, abs_trace=trace, rel_trace=trace,
@@ -123,51 +141,128 @@ class LayerStats(NamedTuple):
         )
 
 
-def stateful_error(layer: str, what: str, where: str, reason: str) -> ValueError:
+class StatefulCellError(ValueError):
+    """A cell holds or uses state that changes on each call (see :func:`stateful_error`)."""
+
+
+def stateful_error(layer: str, what: str, where: str, reason: str) -> StatefulCellError:
     """The error raised when a cell holds a layer with state that changes on each call."""
-    return ValueError(
+    return StatefulCellError(
         f"{layer}: the cell contains {what} at {where!r}, which cannot be used inside a "
         f"fixed-point solve: {REASONS[reason]}"
     )
 
 
-def validate(layer: str, *, solver, adjoint, max_steps, z_init, jac_reg_samples,
-             jac_reg_batch=None, batched=True) -> None:
-    """Check the layer options up front, so mistakes surface at construction."""
+# ---------------------------------------------------------------------------------------------
+# Options: checked when the layer is built, and frozen into a hashable CallOptions per call.
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(layer: str, field: str, value, minimum: int, *, optional: bool = False,
+              hint: str = "") -> None:
+    """``value`` is a Python or NumPy integer (not a bool) >= ``minimum`` (or None if optional)."""
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(
+            f"{layer}: {field} must be {what}{' or None' if optional else ''}{hint}, got "
+            f"{value!r} ({type(value).__name__})."
+        )
+
+
+def _check_bool(layer: str, field: str, value, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{layer}: {field} must be True or False{' or None' if optional else ''}, got "
+            f"{value!r}."
+        )
+
+
+def _check_solver(layer: str, field: str, solver) -> None:
     if solver is not None and not isinstance(solver, ForwardSolver):
         raise TypeError(
-            f"{layer}: solver must be deq.FixedPointIteration, deq.Anderson or deq.Broyden, "
+            f"{layer}: {field} must be deq.FixedPointIteration, deq.Anderson or deq.Broyden, "
             f"got {solver!r}."
         )
-    if adjoint is not None and not isinstance(adjoint, Adjoint):
+
+
+def validate(layer: str, options: Any) -> None:
+    """Check a layer's options up front, so that mistakes surface at construction.
+
+    ``options`` is the layer itself (NNX) or its dataclass fields (Linen): both have the
+    attributes checked here.
+    """
+    o = options
+    _check_solver(layer, "solver", o.solver)
+    _check_solver(layer, "eval_solver", o.eval_solver)
+    if o.adjoint is not None and not isinstance(o.adjoint, Adjoint):
         raise TypeError(
             f"{layer}: adjoint must be deq.ImplicitAdjoint, deq.PhantomAdjoint, "
-            f"deq.JacobianFreeAdjoint or deq.UnrolledAdjoint, got {adjoint!r}."
+            f"deq.JacobianFreeAdjoint or deq.UnrolledAdjoint, got {o.adjoint!r}."
         )
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"{layer}: max_steps must be a positive int, got {max_steps!r}.")
-    if not (isinstance(z_init, str) or callable(z_init)):
+    check_int(layer, "max_steps", o.max_steps, 1)
+    check_int(layer, "eval_max_steps", o.eval_max_steps, 1, optional=True)
+    check_int(layer, "warn_unconverged_after", o.warn_unconverged_after, 1, optional=True,
+              hint=" (None: never warn)")
+    if not (isinstance(o.z_init, str) or callable(o.z_init)):
         raise TypeError(
             f"{layer}: z_init must be 'zeros', the name of a method of the cell (e.g. "
-            f"'inject') or a callable x -> z0, got {z_init!r}."
+            f"'inject') or a callable x -> z0, got {o.z_init!r}."
         )
-    if isinstance(jac_reg_samples, bool) or not isinstance(jac_reg_samples, int) or (
-        jac_reg_samples < 0
-    ):
-        raise ValueError(
-            f"{layer}: jac_reg_samples must be an int >= 0 (0 disables the Jacobian "
-            f"penalty), got {jac_reg_samples!r}."
-        )
-    if jac_reg_batch is not None:
-        if isinstance(jac_reg_batch, bool) or not isinstance(jac_reg_batch, int) or (
-            jac_reg_batch < 1
-        ):
-            raise ValueError(
-                f"{layer}: jac_reg_batch must be a positive int or None, got {jac_reg_batch!r}."
-            )
-        if not batched:
-            raise ValueError(f"{layer}: jac_reg_batch needs batched=True (a batch to subsample).")
+    _check_bool(layer, "batched", o.batched)
+    _check_bool(layer, "deterministic", o.deterministic, optional=True)
+    check_int(layer, "jac_reg_samples", o.jac_reg_samples, 0, hint=" (0 disables the penalty)")
+    check_int(layer, "jac_reg_batch", o.jac_reg_batch, 1, optional=True)
+    if o.jac_reg_batch is not None and not o.batched:
+        raise ValueError(f"{layer}: jac_reg_batch needs batched=True (a batch to subsample).")
 
+
+def trace_length(options: Any) -> int:
+    """Length of the stats' residual traces: the longest budget, training or evaluation."""
+    return max(int(options.max_steps), int(options.eval_max_steps or 0))
+
+
+class CallOptions(NamedTuple):
+    """Everything static about one call of a layer: hashable, a key of the compiled solve."""
+
+    layer: str
+    z_init: Any
+    batched: bool
+    precision: Any
+    solver: ForwardSolver | None
+    adjoint: Adjoint | None
+    max_steps: int
+    trace_length: int
+    training: bool
+    warn_after: int | None
+
+    @classmethod
+    def make(cls, layer: str, options: Any, deterministic: bool, *,
+             watch: bool = True) -> CallOptions:
+        """Options of a call; ``deterministic`` (evaluation) selects the ``eval_*`` settings.
+
+        ``watch=False`` does not count unconverged solves (e.g. Linen's ``init``)."""
+        solver, max_steps = options.solver, options.max_steps
+        if deterministic:
+            solver = options.eval_solver if options.eval_solver is not None else solver
+            max_steps = options.eval_max_steps or max_steps
+        warn = options.warn_unconverged_after
+        return cls(
+            layer=layer, z_init=options.z_init, batched=bool(options.batched),
+            precision=options.precision, solver=solver, adjoint=options.adjoint,
+            max_steps=int(max_steps), trace_length=trace_length(options),
+            training=not deterministic,
+            warn_after=None if warn is None or not watch else int(warn),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The starting point, and a clear message when the cell does not accept it.
 
 def initial_state(
     layer: str,
@@ -203,47 +298,171 @@ def initial_state(
     return init(x)
 
 
-def match_output_dtype(fn: Callable, z0: Any, args: Any) -> Any:
-    """Cast ``z0`` to the dtypes ``fn`` returns (e.g. float32 inputs, float64 parameters)."""
-    out = jax.eval_shape(fn, z0, args)
-    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(z0):
-        return z0  # let deq.fixed_point report the mismatch with its full message
-    return jax.tree_util.tree_map(lambda z, o: jnp.asarray(z, o.dtype), z0, out)
+def _shapes(tree) -> str:
+    shapes = [tuple(jnp.shape(a)) for a in jax.tree_util.tree_leaves(tree)]
+    return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 
-def solve(
-    fn: Callable,
-    z0: Any,
-    args: Any,
-    *,
-    solver: ForwardSolver | None,
-    adjoint: Adjoint | None,
-    max_steps: int,
-    batched: bool,
-    precision,
-    probe: jax.Array | None,
-) -> tuple[Any, LayerStats]:
-    """``deq.fixed_point`` with the layer's options; stats come back without gradient."""
-    sol = fixed_point(
-        fn, z0, args, solver=solver, adjoint=adjoint, max_steps=max_steps, batched=batched,
-        precision=precision, probe=probe,
+def _start_error(layer: str, z_init, cell: Any, x, z0, problem: str) -> ValueError:
+    if isinstance(z_init, str) and z_init == "zeros":
+        origin = ("zeros of shape cell.state_shape(x.shape)" if hasattr(cell, "state_shape")
+                  else "zeros shaped like x, as the cell has no state_shape method")
+    else:
+        origin = f"z_init={z_init!r}"
+    return ValueError(
+        f"{layer}: the solve starts from z0 of shape {_shapes(z0)} ({origin}; x has shape "
+        f"{tuple(jnp.shape(x))}), but {problem}. The state must keep one shape through the "
+        f"solve. If the state's shape differs from x's, either pass z_init= (a callable "
+        f"x -> z0 such as lambda x: jnp.zeros((*x.shape[:-1], width)), or the name of a "
+        f"cell method such as 'inject'), or give the cell a method "
+        f"state_shape(x_shape) -> the state's shape."
     )
-    return sol.value, LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats))
 
 
-def jacobian_penalty(fn: Callable, z: Any, cell_state: Any, x: jax.Array, key: jax.Array,
-                     num_samples: int, sub_batch: int | None = None):
-    """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021).
+def checked_start(layer: str, z_init, cell: Any, x, z0, run: Callable[[], Any]) -> Any:
+    """``run()`` (the cell applied to ``z0``, concretely or abstractly), with a message that
+    names the layer, the shapes and the ways out when the cell does not accept ``z0`` or
+    returns another shape. Errors of other kinds pass through unchanged."""
+    try:
+        out = run()
+    except (TypeError, ValueError) as e:
+        guessed = isinstance(z_init, str) and z_init == "zeros" and not hasattr(cell, "state_shape")
+        if isinstance(e, StatefulCellError) or not guessed:
+            raise  # the user chose z0's shape: the cell's own error says more
+        raise _start_error(layer, z_init, cell, x, z0, f"the cell failed on it: {str(e).rstrip('.')}") from e
+    z_struct = jax.tree_util.tree_structure(z0)
+    if jax.tree_util.tree_structure(out) != z_struct or any(
+        tuple(jnp.shape(a)) != tuple(jnp.shape(b))
+        for a, b in zip(jax.tree_util.tree_leaves(z0), jax.tree_util.tree_leaves(out))
+    ):
+        raise _start_error(layer, z_init, cell, x, z0,
+                           f"the cell returned a state of shape {_shapes(out)}")
+    return out
 
-    ``fn(z, (cell_state, x))`` is the cell. With ``sub_batch``, only the first ``sub_batch``
-    samples are used: the estimate is a per-sample mean, so this is still unbiased, and its
-    second-order backward pass (the costly part) shrinks with the batch. Returned in float32
-    whatever the model's dtype, so that the stored value keeps one dtype.
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass, compiled once per (cell adapter, options, shapes, dtypes).
+
+def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any):
+    fn = lambda z, args: cell(args[0], z, args[1])
+    module = cell.module(state)
+    z0 = initial_state(options.layer, options.z_init, x, module,
+                       lambda name: cell.method(state, name, x), options.batched)
+    out = checked_start(options.layer, options.z_init, module, x, z0,
+                        lambda: jax.eval_shape(fn, z0, (state, x)))
+    # Cast z0 to the dtypes the cell returns (e.g. float32 inputs, float64 parameters).
+    z0 = jax.tree_util.tree_map(lambda z, o: jnp.asarray(z, o.dtype), z0, out)
+    sol = fixed_point(
+        fn, z0, (state, x), solver=options.solver, adjoint=options.adjoint,
+        max_steps=options.max_steps, batched=options.batched, precision=options.precision,
+        probe=probe,
+    )
+    stats = LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats), options.trace_length)
+    if options.training and options.warn_after is not None:
+        _watch_unconverged(options, cell.name, stats)
+    return sol.value, stats
+
+
+_forward_jit = jax.jit(_forward, static_argnums=(0, 1))
+
+
+def _hashable(*objs) -> bool:
+    try:
+        hash(objs)
+    except TypeError:
+        return False
+    return True
+
+
+def forward(cell: Any, options: CallOptions, state: Any, x: Any,
+            probe: jax.Array | None) -> tuple[Any, LayerStats]:
+    """The layer's fixed point ``z*`` of ``x`` and the :class:`LayerStats` of its solve.
+
+    ``cell`` is a hashable adapter with ``cell(state, z, x)``, ``cell.method(state, name, x)``,
+    ``cell.module(state)`` (an object to look ``state_shape``/methods up on) and ``cell.name``.
+    When the adapter and options hash (the usual case), the pass runs in a ``jax.jit`` keyed
+    on them: eager calls reuse its compilation, traced calls inline it.
     """
+    if _hashable(cell, options):
+        return _forward_jit(cell, options, state, x, probe)
+    return _forward(cell, options, state, x, probe)
+
+
+def _penalty(cell: Any, num_samples: int, sub_batch: int | None, z, state, x, key):
+    fn = lambda z, args: cell(args[0], z, args[1])
     if sub_batch is not None:
         z = jax.tree_util.tree_map(lambda a: a[:sub_batch], z)
         x = x[:sub_batch]
     penalty = jacobian_regularization(
-        fn, jax.lax.stop_gradient(z), (cell_state, x), key, num_samples
+        fn, jax.lax.stop_gradient(z), (state, x), key, num_samples
     )
     return penalty.astype(jnp.float32)
+
+
+_penalty_jit = jax.jit(_penalty, static_argnums=(0, 1, 2))
+
+
+def jacobian_penalty(cell: Any, z: Any, state: Any, x: jax.Array, key: jax.Array,
+                     num_samples: int, sub_batch: int | None = None):
+    """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021).
+
+    With ``sub_batch``, only the first ``sub_batch`` samples are used: the estimate is a
+    per-sample mean, so this is still unbiased, and its second-order backward pass (the
+    costly part) shrinks with the batch. Returned in float32 whatever the model's dtype, so
+    that the stored value keeps one dtype.
+    """
+    args = (cell, int(num_samples), None if sub_batch is None else int(sub_batch))
+    run = _penalty_jit if _hashable(*args) else _penalty
+    return run(*args, z, state, x, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# One warning when a layer's training solves keep failing.
+
+class UnconvergedWarning(UserWarning):
+    """A DEQ layer's training solves keep stopping before they converge."""
+
+
+# Unconverged training solves seen so far, per (layer class, cell class, threshold).
+_unconverged_counts: dict[tuple, int] = {}
+
+
+def _watch_unconverged(options: CallOptions, cell_name: str, stats: LayerStats) -> None:
+    """Count unconverged training solves on the host; no callback when the solve converged
+    (``lax.cond``; under ``vmap`` both branches run, so the host checks ``converged`` too)."""
+    key = (options.layer, cell_name, options.warn_after)
+    report = functools.partial(_count_unconverged, key, options.max_steps)
+    jax.lax.cond(
+        stats.converged,
+        lambda s: None,
+        lambda s: jax.debug.callback(report, s.converged, s.result, s.rel_residual,
+                                     s.num_steps),
+        stats,
+    )
+
+
+def _count_unconverged(key: tuple, max_steps: int, converged, result, rel_residual,
+                       num_steps) -> None:
+    converged = np.asarray(converged)
+    if converged.all():
+        return
+    layer, cell_name, threshold = key
+    count = _unconverged_counts[key] = _unconverged_counts.get(key, 0) + 1
+    if count != threshold:
+        return
+    worst = int(np.argmax(np.asarray(rel_residual).reshape(-1)))
+    result = int(np.asarray(result).reshape(-1)[worst])
+    rel = float(np.asarray(rel_residual).reshape(-1)[worst])
+    steps = int(np.asarray(num_steps).reshape(-1)[worst])
+    warnings.warn(
+        f"{layer} with cell {cell_name}: {count} training solves have stopped without "
+        f"converging (the latest: {RESULTS.describe(result)}, relative residual {rel:.1e} "
+        f"after {steps} of max_steps={max_steps} steps). The model then trains on points "
+        f"that are not equilibria, and its gradients are inexact. Things to try: a Jacobian "
+        f"penalty (jac_reg_samples=1, adding 0.1-1 times the layer's jac_loss to the loss); "
+        f"weight normalisation of the cell's linear maps/convolutions and GroupNorm in the "
+        f"cell; a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
+        f"once; the layer's stats report every solve.",
+        UnconvergedWarning,
+        stacklevel=2,
+    )

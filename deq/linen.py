@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.errors import InvalidRngError
 
 from deq import _layer_common as common
 from deq._adjoint import Adjoint
@@ -29,13 +32,51 @@ def _module_path(module: nn.Module) -> str:
 
 
 def _reject_stateful(next_fun, args, kwargs, context):
-    """``nn.intercept_methods`` hook: fail on the first stateful layer the cell calls."""
+    """``nn.intercept_methods`` hook: fail on the first stateful layer the cell calls, and on
+    random numbers drawn by the cell (``make_rng``; the innermost calling module is named)."""
     for cls, reason in _STATEFUL:
         if isinstance(context.module, cls):
             raise common.stateful_error(
                 _NAME, f"nn.{cls.__name__}", _module_path(context.module), reason
             )
-    return next_fun(*args, **kwargs)
+    try:
+        return next_fun(*args, **kwargs)
+    except InvalidRngError as e:
+        stream = re.search(r'PRNG for "([^"]*)"', str(e))
+        what = f"a call of make_rng({stream.group(1)!r})" if stream else "a call of make_rng"
+        raise common.stateful_error(_NAME, what, _module_path(context.module), "rng") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cell:
+    """The cell applied functionally, ``cell(params, z, x)``: hashable (a Linen module
+    definition without parent), so that the compiled solve is reused across calls. No rng is
+    passed: a cell that draws random numbers is rejected by name."""
+
+    pure: nn.Module
+
+    @property
+    def name(self) -> str:
+        return type(self.pure).__name__
+
+    def module(self, params):
+        return self.pure
+
+    def _apply(self, params, *args, **kwargs):
+        with nn.intercept_methods(_reject_stateful):
+            return self.pure.apply({"params": params}, *args, **kwargs)
+
+    def method(self, params, name, x):
+        return self._apply(params, x, method=name)
+
+    def __call__(self, params, z, x):
+        return self._apply(params, z, x)
+
+
+def _deterministic(attribute: bool | None, argument: bool | None) -> bool:
+    if attribute is None and argument is None:
+        return False  # training
+    return bool(nn.merge_param("deterministic", attribute, argument))
 
 
 class DEQ(nn.Module):
@@ -119,12 +160,13 @@ class DEQ(nn.Module):
     precision: str | jax.lax.Precision | None = None
     jac_reg_samples: int = 0
     jac_reg_batch: int | None = None
+    deterministic: bool | None = None
+    eval_solver: ForwardSolver | None = None
+    eval_max_steps: int | None = None
+    warn_unconverged_after: int | None = common.DEFAULT_WARN_UNCONVERGED_AFTER
 
     def __post_init__(self):
-        common.validate(_NAME, solver=self.solver, adjoint=self.adjoint,
-                        max_steps=self.max_steps, z_init=self.z_init,
-                        jac_reg_samples=self.jac_reg_samples,
-                        jac_reg_batch=self.jac_reg_batch, batched=self.batched)
+        common.validate(_NAME, self)
         if not isinstance(self.cell, nn.Module):
             raise TypeError(
                 f"{_NAME}: cell must be a flax.linen Module, got {type(self.cell).__name__}."
@@ -132,17 +174,22 @@ class DEQ(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, probe: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, probe: jax.Array | None = None,
+                 deterministic: bool | None = None) -> jax.Array:
         """Solve for the equilibrium state of ``x``.
 
         Args:
           x: the input injected into every cell evaluation (batch first if ``batched``).
           probe: optional :func:`deq.backward_stats_probe`, whose cotangent receives the
             statistics of the implicit backward solve.
+          deterministic: evaluation mode (the ``eval_*`` settings, no Jacobian penalty, no
+            unconverged-solve warning); give it here or as the attribute, not both. Neither:
+            training.
 
         Returns:
           The fixed point ``z*``.
         """
+        deterministic = _deterministic(self.deterministic, deterministic)
         # The cell's parameters live in its own scope, "cell" under this layer, whoever
         # constructed it: a cell built in the enclosing module's compact method belongs to
         # that module, so it is re-created here as this layer's child.
@@ -154,7 +201,7 @@ class DEQ(nn.Module):
             z_init = self.z_init if callable(self.z_init) else "zeros"
             z = common.initial_state(_NAME, z_init, x, cell, None, self.batched)
             with nn.intercept_methods(_reject_stateful):
-                cell(z, x)
+                common.checked_start(_NAME, z_init, cell, x, z, lambda: cell(z, x))
         variables = cell.variables
         for col in variables:
             if col != "params":
@@ -164,34 +211,16 @@ class DEQ(nn.Module):
                 )
         params = variables.get("params", {})
         # Inside the solve the cell is applied functionally, its parameters an explicit input.
-        pure = cell.clone(parent=None)
-
-        def apply(params, *args, **kwargs):
-            with nn.intercept_methods(_reject_stateful):
-                return pure.apply({"params": params}, *args, **kwargs)
-
-        def fn(z, args):
-            params, xx = args
-            return apply(params, z, xx)
-
-        def start(params):
-            return common.initial_state(
-                _NAME, self.z_init, x, pure,
-                lambda name: apply(params, x, method=getattr(pure, name)), self.batched,
-            )
-
-        z0 = common.match_output_dtype(fn, start(params), (params, x))
-        z, stats = common.solve(
-            fn, z0, (params, x), solver=self.solver, adjoint=self.adjoint,
-            max_steps=self.max_steps, batched=self.batched, precision=self.precision,
-            probe=probe,
-        )
+        pure = _Cell(cell.clone(parent=None))
+        options = common.CallOptions.make(_NAME, self, deterministic,
+                                          watch=not self.is_initializing())
+        z, stats = common.forward(pure, options, params, x, probe)
         self.sow("intermediates", "deq_stats", stats)
-        if (self.jac_reg_samples and self.is_mutable_collection("losses")
+        if (self.jac_reg_samples and not deterministic and self.is_mutable_collection("losses")
                 and not self.is_initializing()):
             key = self.make_rng("jac_reg")
             self.sow("losses", "jac_reg", common.jacobian_penalty(
-                fn, z, params, x, key, self.jac_reg_samples, self.jac_reg_batch))
+                pure, z, params, x, key, self.jac_reg_samples, self.jac_reg_batch))
         return z
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,73 @@ def _offending(cell: nnx.Module):
         if isinstance(node, nnx.RngState):
             return f"random state ({type(node).__name__})", where, "rng"
     return None
+
+
+def _values(state: nnx.State) -> dict:
+    return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def _check_unchanged(cell: nnx.Module, before: dict) -> None:
+    """Fail if the call of ``cell`` wrote or created any variable; ``before``: its values.
+
+    A write replaces a variable's value object, so comparing identities finds it also while
+    tracing (abstract values cannot be compared)."""
+    for path, var in nnx.to_flat_state(nnx.state(cell)):
+        where = "/".join(map(str, path))
+        kind = type(var).__name__
+        if path not in before:
+            raise common.stateful_error(_NAME, f"a {kind} variable created by its call",
+                                        where, "mutable")
+        if var.get_value() is not before[path]:
+            raise common.stateful_error(_NAME, f"a {kind} variable that its call updates",
+                                        where, "mutable")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cell:
+    """The cell as a pure function of its state: hashable (its graph definition), so that
+    the compiled solve is reused by every call with a cell of the same structure."""
+
+    graphdef: Any
+    name: str
+
+    def module(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def method(self, state, name, x):
+        return getattr(self.module(state), name)(x)
+
+    def __call__(self, state, z, x):
+        before = _values(state)  # merge shares the variables: read their values first
+        cell = self.module(state)
+        out = cell(z, x)
+        _check_unchanged(cell, before)
+        return out
+
+
+def _trace_of(leaf):
+    return leaf._trace if isinstance(leaf, jax.core.Tracer) else None
+
+
+def _record(variable: nnx.Variable, value: Any) -> bool:
+    """Store ``value`` in ``variable`` where that can be done in the current trace context.
+
+    Not done (and False returned) under a transform that does not own the layer's state:
+    a plain JAX transform of a function that closes over the layer (``jax.grad`` inside
+    ``nnx.jit``: the variable belongs to the outer trace), or an ``nnx.vmap`` that broadcasts
+    the layer (``in_axes=None``) while the value is batched (it would need an output axis
+    the broadcast state does not have). The value's trace, gradients aside, must then be
+    the variable's own.
+    """
+    if not variable._can_update:
+        return False
+    old = jax.tree_util.tree_leaves(variable.get_value())
+    new = jax.tree_util.tree_leaves(jax.lax.stop_gradient(value))
+    if any(_trace_of(n) is not None and _trace_of(n) is not _trace_of(o)
+           for n, o in zip(new, old, strict=True)):
+        return False
+    variable.set_value(value)
+    return True
 
 
 class DEQ(nnx.Module):
@@ -147,21 +215,13 @@ class DEQ(nnx.Module):
         jac_reg_samples: int = 0,
         jac_reg_batch: int | None = None,
         deterministic: bool = False,
+        eval_solver: ForwardSolver | None = None,
+        eval_max_steps: int | None = None,
+        warn_unconverged_after: int | None = common.DEFAULT_WARN_UNCONVERGED_AFTER,
         rngs: nnx.Rngs | None = None,
     ):
         if not isinstance(cell, nnx.Module):
             raise TypeError(f"{_NAME}: cell must be an nnx.Module, got {type(cell).__name__}.")
-        common.validate(_NAME, solver=solver, adjoint=adjoint, max_steps=max_steps, z_init=z_init,
-                        jac_reg_samples=jac_reg_samples, jac_reg_batch=jac_reg_batch,
-                        batched=batched)
-        if isinstance(z_init, str) and z_init != "zeros" and not callable(
-            getattr(cell, z_init, None)
-        ):
-            raise AttributeError(
-                f"{_NAME}: z_init={z_init!r} names no method of {type(cell).__name__}."
-            )
-        self._check_cell(cell)
-        self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
         self.max_steps = max_steps
@@ -171,9 +231,21 @@ class DEQ(nnx.Module):
         self.jac_reg_samples = jac_reg_samples
         self.jac_reg_batch = jac_reg_batch
         self.deterministic = deterministic
+        self.eval_solver = eval_solver
+        self.eval_max_steps = eval_max_steps
+        self.warn_unconverged_after = warn_unconverged_after
+        common.validate(_NAME, self)
+        if isinstance(z_init, str) and z_init != "zeros" and not callable(
+            getattr(cell, z_init, None)
+        ):
+            raise AttributeError(
+                f"{_NAME}: z_init={z_init!r} names no method of {type(cell).__name__}."
+            )
+        self._check_cell(cell)
+        self.cell = cell
         # Fixed shapes and dtypes from the start: a jitted function sees the same input
         # structure before and after the first call, and compiles once.
-        self.stats = DEQStats(common.LayerStats.before_first_call(max_steps))
+        self.stats = DEQStats(common.LayerStats.before_first_call(common.trace_length(self)))
         self.jac_loss = DEQAuxLoss(jnp.zeros((), jnp.float32))
         if jac_reg_samples:
             if not isinstance(rngs, nnx.Rngs):
@@ -210,30 +282,17 @@ class DEQ(nnx.Module):
         """
         self._check_cell(self.cell)  # the cell may have been replaced since construction
         graphdef, state = nnx.split(self.cell)
-
-        def fn(z, args):
-            cell_state, xx = args
-            return nnx.merge(graphdef, cell_state)(z, xx)
-
-        z0 = common.initial_state(
-            _NAME, self.z_init, x, self.cell, lambda name: getattr(self.cell, name)(x),
-            self.batched,
-        )
-        z0 = common.match_output_dtype(fn, z0, (state, x))
-        z, stats = common.solve(
-            fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint,
-            max_steps=self.max_steps, batched=self.batched, precision=self.precision,
-            probe=probe,
-        )
-        self.stats.set_value(stats)
-        if self.jac_reg_samples and not self.deterministic:
-            key = self._key(rngs)
-            self.jac_loss.set_value(
-                common.jacobian_penalty(fn, z, state, x, key, self.jac_reg_samples,
-                                        self.jac_reg_batch)
-            )
-        else:
-            self.jac_loss.set_value(jnp.zeros((), jnp.float32))
+        cell = _Cell(graphdef, type(self.cell).__name__)
+        options = common.CallOptions.make(_NAME, self, bool(self.deterministic))
+        z, stats = common.forward(cell, options, state, x, probe)
+        _record(self.stats, stats)
+        penalty = jnp.zeros((), jnp.float32)
+        # Only computed where it can be stored (see _record): drawing its key updates the
+        # layer's random stream, which a foreign trace must not do either.
+        if self.jac_reg_samples and not self.deterministic and self.jac_loss._can_update:
+            penalty = common.jacobian_penalty(cell, z, state, x, self._key(rngs),
+                                              self.jac_reg_samples, self.jac_reg_batch)
+        _record(self.jac_loss, penalty)
         return z
 
     def _key(self, rngs) -> jax.Array:
