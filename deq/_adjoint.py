@@ -18,8 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq import _loop
-from deq._solution import RESULTS
+from deq._solution import RESULTS, backward_stats_vector
 from deq._solvers import Anderson, ForwardSolver
+from deq._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_tolerances,
+    set_field,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +48,10 @@ class GMRES:
     atol: float = 1e-8
 
     def __post_init__(self):
-        if self.restart < 1:
-            raise ValueError(f"GMRES: restart must be >= 1, got {self.restart}.")
+        set_field(self, "restart", check_int(self, "restart", self.restart, minimum=1))
+        rtol, atol = check_tolerances(self, self.rtol, self.atol)
+        set_field(self, "rtol", rtol)
+        set_field(self, "atol", atol)
 
 
 class Adjoint(abc.ABC):
@@ -116,12 +126,8 @@ class ImplicitAdjoint(Adjoint):
     on_failure: str = "warn"
 
     def __post_init__(self):
-        if self.on_failure not in ("warn", "ignore"):
-            raise ValueError(
-                f"ImplicitAdjoint: on_failure must be 'warn' or 'ignore', got {self.on_failure!r}."
-            )
-        if self.max_steps < 1:
-            raise ValueError(f"ImplicitAdjoint: max_steps must be >= 1, got {self.max_steps}.")
+        check_choice(self, "on_failure", self.on_failure, ("warn", "ignore"))
+        set_field(self, "max_steps", check_int(self, "max_steps", self.max_steps, minimum=1))
         if not isinstance(self.solver, (ForwardSolver, GMRES)):
             raise TypeError(
                 "ImplicitAdjoint: solver must be FixedPointIteration, Anderson, Broyden or "
@@ -149,7 +155,7 @@ class ImplicitAdjoint(Adjoint):
                 out = vm - flat.flatten(vjp_z(flat.unflatten(vm)))
                 return out.astype(rdt).reshape(-1)
 
-            u, steps, res, conv, finite = _loop.gmres(
+            u, steps, abs_res, conv, finite = _loop.gmres(
                 matvec, gk.reshape(-1), gk.reshape(-1), restart=self.solver.restart,
                 max_steps=self.max_steps, rtol=self.solver.rtol, atol=self.solver.atol,
             )
@@ -157,7 +163,6 @@ class ImplicitAdjoint(Adjoint):
             result = jnp.where(conv, RESULTS.SUCCESSFUL,
                                jnp.where(finite, RESULTS.MAX_STEPS, RESULTS.NONFINITE))
             uf = u.reshape(shape).astype(gf.dtype)
-            abs_res, rel_res = res.astype(rdt), (res / jnp.maximum(unorm, 1e-30)).astype(rdt)
         else:
             def h(uf):
                 return gf + flat.flatten(vjp_z(flat.unflatten(uf)))
@@ -168,11 +173,8 @@ class ImplicitAdjoint(Adjoint):
             # VJP, and per-sample ratios are dominated by samples whose cotangent is ~0 (a
             # confidently classified example), which meet the absolute tolerance at once.
             abs_res = jnp.linalg.norm(st.abs_residual_per_sample.astype(rdt))
-            rel_res = abs_res / jnp.maximum(jnp.linalg.norm(uf.astype(rdt)), 1e-30)
-        vec = jnp.stack([
-            steps.astype(rdt), abs_res.astype(rdt), rel_res.astype(rdt),
-            (~conv).astype(rdt), jnp.asarray(result, rdt),
-        ])
+            unorm = jnp.linalg.norm(uf.astype(rdt))
+        vec = backward_stats_vector(steps, abs_res, unorm, result, rdt)
         if self.on_failure == "warn":
             # Only a failed solve reaches the host: no callback on the common path.
             jax.lax.cond(jnp.all(conv), lambda: None,
@@ -255,10 +257,9 @@ class PhantomAdjoint(Adjoint):
     damping: float = 0.5
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"PhantomAdjoint: steps must be >= 1, got {self.steps}.")
-        if not 0 <= self.damping < 1:
-            raise ValueError(f"PhantomAdjoint: damping must be in [0, 1), got {self.damping}.")
+        set_field(self, "steps", check_int(self, "steps", self.steps, minimum=1))
+        set_field(self, "damping", check_float(self, "damping", self.damping, minimum=0.0,
+                                               maximum=1.0, open_max=True))
 
     def solve(self, fn, solver, z0, args, probe, *, max_steps, batched, precision):
         with _precision(precision):
@@ -305,6 +306,9 @@ class UnrolledAdjoint(Adjoint):
     """
 
     checkpoint: bool = False
+
+    def __post_init__(self):
+        set_field(self, "checkpoint", check_bool(self, "checkpoint", self.checkpoint))
 
     def solve(self, fn, solver, z0, args, probe, *, max_steps, batched, precision):
         flat = _loop.Flattener(z0, batched)

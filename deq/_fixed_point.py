@@ -7,15 +7,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deq._adjoint import Adjoint, ImplicitAdjoint
 from deq._solution import BACKWARD_STATS_SIZE, Solution
 from deq._solvers import Anderson, ForwardSolver
+from deq._validate import check_bool, check_int
 
 
 def _is_array_like(x) -> bool:
-    return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__array__") or isinstance(
-        x, (bool, int, float, complex)
+    """Arrays are traced; Python scalars and every other leaf are static (equinox's rule)."""
+    return isinstance(x, (jax.Array, jax.core.Tracer, np.ndarray, np.generic)) or (
+        hasattr(x, "__array__") and not isinstance(x, (bool, int, float, complex))
     )
 
 
@@ -69,15 +72,24 @@ def fixed_point(
     Args:
       fn: the map ``f(z, args) -> z``.
       z0: initial guess, a pytree of floating-point arrays.
-      args: parameters and inputs, any pytree. Non-array leaves are treated as static.
+      args: parameters and inputs, any pytree. Array leaves (``jax.Array`` and numpy arrays
+        and scalars such as ``np.float32(1)``) are traced: they may change between calls
+        without recompiling, and floating-point ones receive gradients. Every other leaf --
+        Python ``int``/``float``/``bool``/``str``, callables, ... -- reaches ``fn`` unchanged
+        as a static value (the convention of ``equinox.is_array``), so ``range(n)`` or a
+        shape built from a Python ``int`` works. Wrap a Python float in ``jnp.asarray`` to
+        trace it.
       solver: forward solver; default :class:`deq.Anderson`.
       adjoint: backward mode; default :class:`deq.ImplicitAdjoint`.
       max_steps: budget of evaluations of ``fn`` in the forward solve (for
         :class:`deq.UnrolledAdjoint`: the exact number of evaluations).
       batched: if True, the leading axis of every leaf of ``z0`` is a batch of independent
         problems: residuals, tolerances and solver updates are per sample, the solve stops when
-        every sample has converged, and the scalar stats report the worst sample. Only valid
-        if ``fn`` treats samples independently (no batch statistics across samples).
+        every sample has converged, and the scalar stats report the worst sample. A sample
+        that turns non-finite is frozen at its best finite iterate and flagged in
+        ``stats.result_per_sample``; the others still converge. An empty batch (leading size
+        0) returns ``z0`` at once, converged. Only valid if ``fn`` treats samples
+        independently (no batch statistics across samples).
       precision: matmul precision used inside the solve and the adjoint solve (e.g.
         ``"highest"``); ``None`` keeps JAX's default. On GPUs the default TF32 precision can
         make tolerances below ~1e-4 unreachable (the solver then reports ``STAGNATED``).
@@ -90,7 +102,8 @@ def fixed_point(
 
     Raises:
       ValueError: if ``fn``'s output structure, shapes or dtypes differ from ``z0``, or if
-        the options are invalid.
+        an option is out of range.
+      TypeError: if an option has the wrong type (e.g. ``max_steps=2.5``).
 
     Example::
 
@@ -116,8 +129,8 @@ def fixed_point(
             "adjoint must be deq.ImplicitAdjoint, deq.PhantomAdjoint, deq.JacobianFreeAdjoint "
             f"or deq.UnrolledAdjoint; got {adjoint!r}."
         )
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    max_steps = check_int("deq.fixed_point", "max_steps", max_steps, minimum=1)
+    batched = check_bool("deq.fixed_point", "batched", batched)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
 

@@ -63,7 +63,9 @@ class Flattener:
 
     def flatten(self, tree):
         leaves = jax.tree_util.tree_leaves(tree)
-        mats = [jnp.reshape(leaf, (self.batch, -1)).astype(self.dtype) for leaf in leaves]
+        # Explicit sizes: a -1 cannot be inferred for an empty batch.
+        mats = [jnp.reshape(leaf, (self.batch, size)).astype(self.dtype)
+                for leaf, size in zip(leaves, self.sizes)]
         return mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
 
     def unflatten(self, mat):
@@ -85,6 +87,11 @@ def _norms(z, fz):
     return jnp.sqrt(jnp.sum(r * r, axis=1)), jnp.sqrt(jnp.sum(f * f, axis=1))
 
 
+def _worst(x, axis=None):
+    """Max of non-negative residuals; 0 for an empty batch (the same max otherwise)."""
+    return jnp.max(x, axis=axis, initial=0.0)
+
+
 class _State(NamedTuple):
     step: Any  # evaluations of f so far
     z: Any  # current iterate (B, D)
@@ -94,32 +101,43 @@ class _State(NamedTuple):
     best_abs: Any  # (B,)
     best_rel: Any  # (B,)
     best_tol: Any  # (B,) atol + rtol |f(z_best)|
+    failed: Any  # (B,) the sample produced a non-finite value: it is frozen at best_z
     abs_trace: Any
     rel_trace: Any
     stall_ref: Any  # worst best_abs/best_tol when progress was last counted
     stall_count: Any
     result: Any
+    result_per_sample: Any  # (B,)
     done: Any
 
 
-def _observe(solver: ForwardSolver, s: _State, max_steps: int, nonfinite_ok: bool = False):
+def _trace_entry(values, live):
+    """Worst value over the samples still alive; inf when none is (all turned non-finite)."""
+    return jnp.where(jnp.any(live), _worst(jnp.where(live, values, 0.0)), jnp.inf)
+
+
+def _observe(solver: ForwardSolver, s: _State, max_steps: int):
     """Record the residual of (s.z, s.fz), update best iterate and the stopping decision."""
     res, nf = _norms(s.z, s.fz)
     rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
     tol = solver.atol + solver.rtol * nf
     finite = jnp.isfinite(res) & jnp.all(jnp.isfinite(s.fz), axis=1)
-    better = finite & (res < s.best_abs)
+    better = finite & (res < s.best_abs) & ~s.failed
     best_z = jnp.where(better[:, None], s.z, s.best_z)
     best_abs = jnp.where(better, res, s.best_abs)
     best_rel = jnp.where(better, rel, s.best_rel)
     best_tol = jnp.where(better, tol, s.best_tol)
-    i = s.step - 1
-    abs_trace = s.abs_trace.at[i].set(jnp.max(jnp.where(finite, res, jnp.inf)))
-    rel_trace = s.rel_trace.at[i].set(jnp.max(jnp.where(finite, rel, jnp.inf)))
-
     sample_done = best_abs <= best_tol
-    all_done = jnp.all(sample_done)
-    progress = jnp.max(jnp.where(sample_done, 0.0, best_abs / best_tol))
+    # A sample whose iterate went non-finite will stay so (f(NaN) is NaN): freeze it at its
+    # best finite iterate, as a converged sample is frozen, and let the others go on.
+    failed = s.failed | (~finite & ~sample_done)
+    i = s.step - 1
+    abs_trace = s.abs_trace.at[i].set(_trace_entry(res, ~failed))
+    rel_trace = s.rel_trace.at[i].set(_trace_entry(rel, ~failed))
+
+    settled = sample_done | failed
+    all_settled = jnp.all(settled)
+    progress = _worst(jnp.where(settled, 0.0, best_abs / best_tol))
     improved = progress < solver.stall_factor * s.stall_ref
     stall_ref = jnp.where(improved, progress, s.stall_ref)
     stall_count = jnp.where(improved, 0, s.stall_count + 1)
@@ -128,26 +146,31 @@ def _observe(solver: ForwardSolver, s: _State, max_steps: int, nonfinite_ok: boo
         if solver.stall_patience is None
         else stall_count >= solver.stall_patience
     )
-    # A sample whose iterate went non-finite will stay so (f(NaN) is NaN): stop there and
-    # return the best finite iterate instead of iterating on NaNs.
-    nonfinite = jnp.any(~finite & ~sample_done)
+    # A failure of one sample outranks why the others stopped: the batch is not a success.
     result = jnp.select(
-        [all_done, nonfinite, stagnated, s.step >= max_steps],
+        [jnp.all(sample_done), jnp.any(failed), stagnated, s.step >= max_steps],
         [RESULTS.SUCCESSFUL, RESULTS.NONFINITE, RESULTS.STAGNATED, RESULTS.MAX_STEPS],
         RESULTS.MAX_STEPS,
     ).astype(jnp.int32)
-    done = all_done | nonfinite | stagnated | (s.step >= max_steps)
+    # Each sample's own code: a sample still running shares the reason the solve stopped.
+    reason = jnp.where(stagnated, RESULTS.STAGNATED, RESULTS.MAX_STEPS)
+    result_per_sample = jnp.where(
+        sample_done, RESULTS.SUCCESSFUL, jnp.where(failed, RESULTS.NONFINITE, reason)
+    ).astype(jnp.int32)
+    done = all_settled | stagnated | (s.step >= max_steps)
     return s._replace(
-        best_z=best_z, best_abs=best_abs, best_rel=best_rel, best_tol=best_tol,
+        best_z=best_z, best_abs=best_abs, best_rel=best_rel, best_tol=best_tol, failed=failed,
         abs_trace=abs_trace, rel_trace=rel_trace, stall_ref=stall_ref,
-        stall_count=stall_count, result=result, done=done,
+        stall_count=stall_count, result=result, result_per_sample=result_per_sample,
+        done=done,
     )
 
 
 def solve(g, solver: ForwardSolver, z0, max_steps: int):
     """Solve ``z = g(z)`` for a ``(B, D)`` matrix ``z`` with early stopping.
 
-    Returns ``(z_best, SolverStats)``.
+    Samples are independent: one that converges, or turns non-finite, is frozen at its best
+    iterate while the others go on. Returns ``(z_best, SolverStats)``.
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
@@ -159,79 +182,116 @@ def solve(g, solver: ForwardSolver, z0, max_steps: int):
         step=jnp.ones((), jnp.int32), z=z0, fz=fz0, solver_state=solver.init(z0, fz0),
         best_z=z0, best_abs=jnp.full((bsz,), jnp.inf, rdt),
         best_rel=jnp.full((bsz,), jnp.inf, rdt), best_tol=jnp.zeros((bsz,), rdt),
+        failed=jnp.zeros((bsz,), jnp.bool_),
         abs_trace=nan_trace, rel_trace=nan_trace, stall_ref=jnp.asarray(jnp.inf, rdt),
         stall_count=jnp.zeros((), jnp.int32), result=jnp.zeros((), jnp.int32),
-        done=jnp.zeros((), jnp.bool_),
+        result_per_sample=jnp.zeros((bsz,), jnp.int32), done=jnp.zeros((), jnp.bool_),
     )
     s = _observe(solver, s, max_steps)
 
     def body(s):
-        sample_done = s.best_abs <= s.best_tol
+        frozen = (s.best_abs <= s.best_tol) | s.failed
         z_next, solver_state = solver.update(s.z, s.fz, s.solver_state)
-        # Converged samples stay where they are: the batch runs on for the slowest sample
+        # Settled samples stay where they are: the batch runs on for the slowest sample
         # only, and a finished sample must not drift away from its fixed point meanwhile.
-        z_next = jnp.where(sample_done[:, None], s.best_z, z_next)
+        z_next = jnp.where(frozen[:, None], s.best_z, z_next)
         fz_next = g(z_next)
         s = s._replace(step=s.step + 1, z=z_next, fz=fz_next, solver_state=solver_state)
         return _observe(solver, s, max_steps)
 
     s = jax.lax.while_loop(lambda s: ~s.done, body, s)
-    stats = _stats(s.step, s.best_abs, s.best_rel, s.abs_trace, s.rel_trace, s.result)
+    stats = _stats(s.step, s.best_abs, s.best_rel, s.abs_trace, s.rel_trace, s.result,
+                   s.result_per_sample)
     return s.best_z, stats
 
 
-def _stats(step, abs_res, rel_res, abs_trace, rel_trace, result):
+def _stats(step, abs_res, rel_res, abs_trace, rel_trace, result, result_per_sample):
     # A sample that never produced a finite residual keeps inf: report it, never hide it.
     return SolverStats(
         num_steps=step,
-        abs_residual=jnp.max(abs_res),
-        rel_residual=jnp.max(rel_res),
+        abs_residual=_worst(abs_res),
+        rel_residual=_worst(rel_res),
         abs_residual_per_sample=abs_res,
         rel_residual_per_sample=rel_res,
         abs_trace=abs_trace,
         rel_trace=rel_trace,
         converged=result == RESULTS.SUCCESSFUL,
         result=result,
+        result_per_sample=result_per_sample,
     )
 
 
 def unroll(g, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = False):
     """Differentiable fixed-length run: ``num_steps`` evaluations of ``g``, no early stop.
 
-    Returns ``(z_last, SolverStats)`` where ``z_last`` is the solver's next iterate after the
-    last evaluation (for plain iteration, exactly ``g`` applied ``num_steps`` times to ``z0``)
-    and the stats describe the last evaluated iterate.
+    Returns ``(z, SolverStats)`` where ``z`` is the solver's next iterate after the last
+    evaluation (for plain iteration, exactly ``g`` applied ``num_steps`` times to ``z0``) and
+    the stats describe the last evaluated iterate. A sample that turns non-finite is frozen
+    at its best finite iterate (smallest residual among those whose ``g`` was finite), which
+    is then its returned value, differentiable like the others; its result is NONFINITE.
     """
     if num_steps < 1:
         raise ValueError(f"unrolled steps must be >= 1, got {num_steps}.")
     fz0 = g(z0)
     state0 = solver.init(z0, fz0)
+    sg = jax.lax.stop_gradient
+
+    def rows_finite(x):
+        return jnp.all(jnp.isfinite(x), axis=1)
+
+    def observe(z, fz, best_z, best_res, best_rel, dead):
+        res, nf = _norms(sg(z), sg(fz))
+        rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
+        dead = dead | ~(jnp.isfinite(res) & rows_finite(fz))
+        better = ~dead & (res < best_res)
+        best_z = jnp.where(better[:, None], z, best_z)
+        best_res = jnp.where(better, res, best_res)
+        best_rel = jnp.where(better, rel, best_rel)
+        # A dead sample looks like a fixed point at best_z to the solver: its history stays
+        # finite, and no inf/NaN reaches the backward pass through the solver's update.
+        fz = jnp.where(dead[:, None], best_z, fz)
+        return fz, best_z, best_res, best_rel, dead, (res, nf, dead)
+
+    rdt = jnp.promote_types(z0.dtype, jnp.float32)
+    inf = jnp.full((z0.shape[0],), jnp.inf, rdt)
+    fz0, *best0, ys0 = observe(z0, fz0, z0, inf, inf, jnp.zeros((z0.shape[0],), jnp.bool_))
 
     def body(carry, _):
-        z, fz, st = carry
+        z, fz, st, best_z, best_res, best_rel, dead = carry
         z_next, st = solver.update(z, fz, st)
+        dead = dead | ~rows_finite(sg(z_next))
+        # Never evaluate g at a non-finite point: its VJP there would be NaN even with a
+        # zero cotangent, and would poison the gradient of the shared parameters.
+        z_next = jnp.where(dead[:, None], best_z, z_next)
         fz_next = g(z_next)
-        res, nf = _norms(z_next, fz_next)
-        return (z_next, fz_next, st), (res, nf)
+        fz_next, best_z, best_res, best_rel, dead, ys = observe(
+            z_next, fz_next, best_z, best_res, best_rel, dead)
+        return (z_next, fz_next, st, best_z, best_res, best_rel, dead), ys
 
     if checkpoint:
         body = jax.checkpoint(body)
-    res0, nf0 = _norms(z0, fz0)
-    (z, fz, st), (res, nf) = jax.lax.scan(body, (z0, fz0, state0), None, length=num_steps - 1)
-    res = jnp.concatenate([res0[None], res], axis=0)  # (steps, B)
-    nf = jnp.concatenate([nf0[None], nf], axis=0)
-    res, nf = jax.lax.stop_gradient((res, nf))
+    carry, ys = jax.lax.scan(body, (z0, fz0, state0, *best0), None, length=num_steps - 1)
+    z, fz, st, best_z, best_res, best_rel, dead = carry
+    # (steps, B): the first evaluation, then the scanned ones.
+    res, nf, dead_at = (jnp.concatenate([a[None], b], axis=0) for a, b in zip(ys0, ys))
     rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
     z_out, _ = solver.update(z, fz, st)
+    dead = dead | ~rows_finite(sg(z_out))
+    z_out = jnp.where(dead[:, None], best_z, z_out)
     tol = solver.atol + solver.rtol * nf[-1]
-    finite = jnp.all(jnp.isfinite(res[-1]))
-    result = jnp.where(
-        ~finite, RESULTS.NONFINITE,
-        jnp.where(jnp.all(res[-1] <= tol), RESULTS.SUCCESSFUL, RESULTS.MAX_STEPS),
+    conv = ~dead & (res[-1] <= tol)
+    result_per_sample = jnp.where(
+        conv, RESULTS.SUCCESSFUL, jnp.where(dead, RESULTS.NONFINITE, RESULTS.MAX_STEPS)
     ).astype(jnp.int32)
+    result = jnp.where(
+        jnp.any(dead), RESULTS.NONFINITE,
+        jnp.where(jnp.all(conv), RESULTS.SUCCESSFUL, RESULTS.MAX_STEPS),
+    ).astype(jnp.int32)
+    trace = jax.vmap(_trace_entry)
     stats = _stats(
-        jnp.asarray(num_steps, jnp.int32), res[-1], rel[-1],
-        jnp.max(res, axis=1), jnp.max(rel, axis=1), result,
+        jnp.asarray(num_steps, jnp.int32),
+        jnp.where(dead, best_res, res[-1]), jnp.where(dead, best_rel, rel[-1]),
+        trace(res, ~dead_at), trace(rel, ~dead_at), result, result_per_sample,
     )
     return z_out, stats
 

@@ -27,7 +27,10 @@ class SolverStats(NamedTuple):
     """Statistics of one solve. Every field has a fixed shape, so this is safe under jit/vmap.
 
     For a batched solve (``batched=True``) the scalar fields describe the worst sample and the
-    ``*_per_sample`` fields hold one entry per sample.
+    ``*_per_sample`` fields hold one entry per sample. Samples are solved independently: one
+    that turns non-finite is frozen at its best finite iterate and flagged NONFINITE in
+    ``result_per_sample``, while the others run on to their own convergence (the solve's
+    ``result`` is then NONFINITE, but the healthy samples' values and residuals are theirs).
 
     Attributes:
       num_steps: int32, evaluations of ``f`` made (the first one is at ``z0``).
@@ -35,11 +38,16 @@ class SolverStats(NamedTuple):
       rel_residual: ``|f(z) - z| / |f(z)|`` of the returned iterate, worst sample.
       abs_residual_per_sample: shape ``(batch,)`` (``(1,)`` when unbatched).
       rel_residual_per_sample: shape ``(batch,)``.
-      abs_trace: shape ``(max_steps,)``, the worst-sample absolute residual at each step;
-        entries after ``num_steps`` are NaN (padding, not a failure).
+      abs_trace: shape ``(max_steps,)``, the worst absolute residual at each step over the
+        samples that have not turned non-finite (inf once none is left); entries after
+        ``num_steps`` are NaN (padding, not a failure).
       rel_trace: shape ``(max_steps,)``, likewise for the relative residual.
       converged: bool, every sample met its tolerance.
-      result: int32 code from :class:`RESULTS`.
+      result: int32 code from :class:`RESULTS`: SUCCESSFUL if every sample converged, else
+        NONFINITE if any sample turned non-finite, else why the solve stopped.
+      result_per_sample: int32, shape ``(batch,)``: each sample's own code (SUCCESSFUL,
+        NONFINITE, or for a sample still running when the solve stopped MAX_STEPS or
+        STAGNATED).
     """
 
     num_steps: Any
@@ -51,29 +59,44 @@ class SolverStats(NamedTuple):
     rel_trace: Any
     converged: Any
     result: Any
+    result_per_sample: Any
 
     def summary(self) -> str:
         """One line for logs (needs concrete values, i.e. call it outside jit)."""
-        return (
+        line = (
             f"steps={int(self.num_steps)} abs={float(self.abs_residual):.3e} "
             f"rel={float(self.rel_residual):.3e} result={RESULTS.describe(self.result)}"
         )
+        bad = int(jnp.sum(jnp.asarray(self.result_per_sample) == RESULTS.NONFINITE))
+        return line + (f" nonfinite_samples={bad}" if bad else "")
 
 
 class BackwardStats(NamedTuple):
-    """Statistics of the backward (adjoint) solve of :class:`deq.ImplicitAdjoint`.
+    """Statistics of the backward (adjoint) solves of :class:`deq.ImplicitAdjoint`.
 
-    Read them with :func:`deq.backward_stats` from the cotangent of a probe (see there).
+    Read them with :func:`deq.backward_stats` from the cotangent of a probe (see there). A
+    probe may be shared by several solves (two DEQ layers, a ``vmap`` over an unbatched
+    probe, ...): the cotangents of a probe add up, so every field is defined from sums and
+    means the same for one solve as for many.
 
     Attributes:
-      num_steps: iterations (or Krylov matrix-vector products) of the adjoint solve.
-      abs_residual: ``|u - g - J^T u|`` at the returned ``u`` (2-norm over the whole batch).
-      rel_residual: ``abs_residual / |u|`` (whole batch: what the parameter gradient sees).
-      converged: whether the adjoint solve met its tolerance. For GMRES the test is on the
+      num_steps: total iterations (or Krylov matrix-vector products) of all the adjoint solves.
+      abs_residual: ``|u - g - J^T u|`` at the returned ``u``, as a 2-norm over the whole batch
+        and over all solves (the residual of the joint adjoint system: the square root of the
+        sum of the solves' squared residuals).
+      rel_residual: ``abs_residual / |u|``, both over all solves (what the parameter gradient
+        sees).
+      converged: whether every adjoint solve met its tolerance. For GMRES the test is on the
         whole batch; for the iterative solvers it is per sample (``atol + rtol |u_i|``), so
         ``converged`` can be False next to a small whole-batch ``rel_residual`` when one
         sample with a tiny cotangent is left behind.
-      result: :class:`RESULTS` code.
+      result: :class:`RESULTS` code: NONFINITE if any solve turned non-finite, else
+        STAGNATED if every failed solve stagnated, else MAX_STEPS if any did not converge,
+        else SUCCESSFUL (for one solve: its own code).
+      num_solves: how many adjoint solves wrote to the probe (0: it reached none).
+      num_failed: how many of them did not converge.
+      num_nonfinite: how many of them turned non-finite.
+      mean_steps: ``num_steps / num_solves`` (0 when there was no solve).
     """
 
     num_steps: Any
@@ -81,9 +104,32 @@ class BackwardStats(NamedTuple):
     rel_residual: Any
     converged: Any
     result: Any
+    num_solves: Any
+    num_failed: Any
+    num_nonfinite: Any
+    mean_steps: Any
 
 
-BACKWARD_STATS_SIZE = 5
+# Layout of the probe's cotangent: additive quantities only, so that several solves sharing
+# a probe add up to a meaningful total.
+_SOLVES, _STEPS, _ABS_SQ, _U_SQ, _FAILED, _NONFINITE, _STAGNATED = range(7)
+BACKWARD_STATS_SIZE = 7
+
+
+def backward_stats_vector(steps, abs_residual, u_norm, result, dtype):
+    """The probe cotangent written by one adjoint solve (see :func:`backward_stats`)."""
+    # Squares in at least float32, then cast: residuals below ~1e-19 read as 0 in a float32
+    # probe, which only ever means "converged".
+    dt = jnp.promote_types(dtype, jnp.float32)
+    vec = jnp.zeros((BACKWARD_STATS_SIZE,), dt)
+    vec = vec.at[_SOLVES].set(1.0).at[_STEPS].set(jnp.asarray(steps, dt))
+    vec = vec.at[_ABS_SQ].set(jnp.square(jnp.asarray(abs_residual, dt)))
+    vec = vec.at[_U_SQ].set(jnp.square(jnp.asarray(u_norm, dt)))
+    for i, failed in ((_FAILED, result != RESULTS.SUCCESSFUL),
+                      (_NONFINITE, result == RESULTS.NONFINITE),
+                      (_STAGNATED, result == RESULTS.STAGNATED)):
+        vec = vec.at[i].set(failed.astype(dt))
+    return vec.astype(dtype)
 
 
 def backward_stats_probe(dtype=jnp.float32) -> jax.Array:
@@ -92,7 +138,9 @@ def backward_stats_probe(dtype=jnp.float32) -> jax.Array:
     JAX's custom VJPs cannot return auxiliary data from the backward pass, so the adjoint
     solve writes its statistics into the cotangent of this probe. Differentiate with respect
     to the probe as well as the parameters, then decode with :func:`backward_stats`. The
-    probe does not change the forward value.
+    probe does not change the forward value. One probe may serve several solves (e.g. every
+    DEQ layer of a model); :class:`BackwardStats` then describes them all together. Use one
+    probe per layer to tell them apart.
 
     Example::
 
@@ -108,18 +156,37 @@ def backward_stats_probe(dtype=jnp.float32) -> jax.Array:
 def backward_stats(probe_cotangent) -> BackwardStats:
     """Decode the cotangent of :func:`backward_stats_probe` into :class:`BackwardStats`.
 
-    Cotangents add up: if one probe goes through several solves (e.g. two DEQ layers, or a
-    ``vmap`` over an unbatched probe), steps and residuals are summed and ``converged`` is
-    True only if every solve converged. Use one probe per layer to tell them apart. A probe
-    that reached no implicit solve reads as zero steps, converged.
+    Each implicit backward solve adds its count, steps, squared residual, squared ``|u|`` and
+    failure flags to the cotangent; the totals are decoded here (see :class:`BackwardStats`).
+    A probe that reached no implicit solve reads as zero solves and zero steps, converged.
+    Works on a stack of cotangents too (leading axes are kept).
     """
     p = jnp.asarray(probe_cotangent)
+    if p.shape[-1:] != (BACKWARD_STATS_SIZE,):
+        raise ValueError(
+            f"backward_stats needs the cotangent of deq.backward_stats_probe() (last axis "
+            f"{BACKWARD_STATS_SIZE}); got shape {p.shape}."
+        )
+    # Counts are sums of exact small integers, rounded against float error all the same.
+    count = lambda i: jnp.round(p[..., i]).astype(jnp.int32)
+    solves, failed, nonfinite = count(_SOLVES), count(_FAILED), count(_NONFINITE)
+    steps, stagnated = count(_STEPS), count(_STAGNATED)
+    abs_res = jnp.sqrt(p[..., _ABS_SQ])
+    u_norm = jnp.sqrt(p[..., _U_SQ])
+    result = jnp.select(
+        [nonfinite > 0, failed == 0, failed == stagnated],
+        [RESULTS.NONFINITE, RESULTS.SUCCESSFUL, RESULTS.STAGNATED], RESULTS.MAX_STEPS,
+    )
     return BackwardStats(
-        num_steps=p[..., 0].astype(jnp.int32),
-        abs_residual=p[..., 1],
-        rel_residual=p[..., 2],
-        converged=p[..., 3] < 0.5,  # stored as the number of failed solves
-        result=p[..., 4].astype(jnp.int32),
+        num_steps=steps,
+        abs_residual=abs_res,
+        rel_residual=abs_res / jnp.maximum(u_norm, 1e-30),
+        converged=failed == 0,
+        result=result.astype(jnp.int32),
+        num_solves=solves,
+        num_failed=failed,
+        num_nonfinite=nonfinite,
+        mean_steps=steps / jnp.maximum(solves, 1),
     )
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from deq._validate import check_float, check_int, check_tolerances, set_field
+
 
 def _bdot(a, b):
     """Per-sample inner product of (B, D) arrays -> (B,)."""
@@ -38,20 +40,13 @@ class ForwardSolver(abc.ABC):
     stall_factor: float = 0.999
 
     def __post_init__(self):
-        if self.rtol < 0 or self.atol < 0 or (self.rtol == 0 and self.atol == 0):
-            raise ValueError(
-                f"{type(self).__name__}: need rtol >= 0, atol >= 0 and not both zero; "
-                f"got rtol={self.rtol}, atol={self.atol}."
-            )
-        if self.stall_patience is not None and self.stall_patience < 1:
-            raise ValueError(
-                f"{type(self).__name__}: stall_patience must be >= 1 or None, "
-                f"got {self.stall_patience}."
-            )
-        if not 0 < self.stall_factor <= 1:
-            raise ValueError(
-                f"{type(self).__name__}: stall_factor must be in (0, 1], got {self.stall_factor}."
-            )
+        rtol, atol = check_tolerances(self, self.rtol, self.atol)
+        set_field(self, "rtol", rtol)
+        set_field(self, "atol", atol)
+        set_field(self, "stall_patience", check_int(
+            self, "stall_patience", self.stall_patience, minimum=1, allow_none=True))
+        set_field(self, "stall_factor", check_float(
+            self, "stall_factor", self.stall_factor, minimum=0.0, maximum=1.0, open_min=True))
 
     def init(self, z, fz) -> Any:
         return ()
@@ -77,8 +72,8 @@ class FixedPointIteration(ForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.damping < 1:
-            raise ValueError(f"FixedPointIteration: damping must be in [0, 1), got {self.damping}.")
+        set_field(self, "damping", check_float(self, "damping", self.damping, minimum=0.0,
+                                               maximum=1.0, open_max=True))
 
     def update(self, z, fz, state):
         if self.damping == 0:
@@ -113,12 +108,10 @@ class Anderson(ForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.history < 1:
-            raise ValueError(f"Anderson: history must be >= 1, got {self.history}.")
-        if not 0 < self.mixing <= 1:
-            raise ValueError(f"Anderson: mixing must be in (0, 1], got {self.mixing}.")
-        if self.ridge < 0:
-            raise ValueError(f"Anderson: ridge must be >= 0, got {self.ridge}.")
+        set_field(self, "history", check_int(self, "history", self.history, minimum=1))
+        set_field(self, "mixing", check_float(self, "mixing", self.mixing, minimum=0.0,
+                                              maximum=1.0, open_min=True))
+        set_field(self, "ridge", check_float(self, "ridge", self.ridge, minimum=0.0))
 
     def init(self, z, fz):
         b, d = z.shape
@@ -191,8 +184,7 @@ class Broyden(ForwardSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.memory < 1:
-            raise ValueError(f"Broyden: memory must be >= 1, got {self.memory}.")
+        set_field(self, "memory", check_int(self, "memory", self.memory, minimum=1))
 
     def init(self, z, fz):
         b, d = z.shape
@@ -202,7 +194,9 @@ class Broyden(ForwardSolver):
             jnp.zeros((b, m, d), z.dtype),  # v_i
             z,  # previous iterate
             fz - z,  # previous g
-            jnp.zeros((), jnp.int32),  # number of updates made
+            # Per sample: a sample's memory restarts when its own updates fill it, so its
+            # iterates never depend on the other samples of the batch.
+            jnp.zeros((b,), jnp.int32),  # number of updates made
             jnp.zeros((), jnp.bool_),  # whether a previous point exists
         )
 
@@ -219,8 +213,8 @@ class Broyden(ForwardSolver):
         # Memory full: restart from B^{-1} = -I. Overwriting the oldest update instead would
         # break the secant conditions that every later update was built on (seen to stall).
         full = count >= self.memory
-        us = jnp.where(full, 0.0, us)
-        vs = jnp.where(full, 0.0, vs)
+        us = jnp.where(full[:, None, None], 0.0, us)
+        vs = jnp.where(full[:, None, None], 0.0, vs)
         count = jnp.where(full, 0, count)
         g = fz - z
         dx = z - z_prev
@@ -235,14 +229,12 @@ class Broyden(ForwardSolver):
             & jnp.all(jnp.isfinite(u), axis=1)
             & jnp.all(jnp.isfinite(vt), axis=1)
         )
-        u = jnp.where(ok[:, None], u, 0.0)
-        vt = jnp.where(ok[:, None], vt, 0.0)
+        # Only a real update takes a slot; a sample without one keeps its memory as it is.
         slot = count % self.memory
-        # Only advance the ring buffer when some sample made a real update.
-        any_ok = jnp.any(ok)
-        us = jnp.where(any_ok, us.at[:, slot].set(u), us)
-        vs = jnp.where(any_ok, vs.at[:, slot].set(vt), vs)
-        count = count + any_ok.astype(jnp.int32)
+        rows = jnp.arange(z.shape[0])
+        us = us.at[rows, slot].set(jnp.where(ok[:, None], u, us[rows, slot]))
+        vs = vs.at[rows, slot].set(jnp.where(ok[:, None], vt, vs[rows, slot]))
+        count = count + ok.astype(jnp.int32)
         z_next = z - self._matvec(us, vs, g)
         bad = ~jnp.all(jnp.isfinite(z_next), axis=1)
         z_next = jnp.where(bad[:, None], fz, z_next)
