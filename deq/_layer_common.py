@@ -156,31 +156,32 @@ def stateful_error(layer: str, what: str, where: str, reason: str) -> StatefulCe
 # ---------------------------------------------------------------------------------------------
 # Options: checked when the layer is built, and frozen into a hashable CallOptions per call.
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def check_int(layer: str, field: str, value, minimum: int, *, optional: bool = False,
-              hint: str = "") -> None:
-    """``value`` is a Python or NumPy integer (not a bool) >= ``minimum`` (or None if optional)."""
-    if optional and value is None:
-        return
-    if not _is_int(value) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(
-            f"{layer}: {field} must be {what}{' or None' if optional else ''}{hint}, got "
-            f"{value!r} ({type(value).__name__})."
-        )
-
-
-def _check_bool(layer: str, field: str, value, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, (bool, np.bool_)):
+# The same contract as the core's deq._validate (Python and numpy integers accepted, bools and
+# floats rejected with a TypeError, out of range a ValueError; owner and field named).
+def check_int(owner: str, field: str, value, *, minimum: int,
+              allow_none: bool = False) -> int | None:
+    """``value`` as a Python int (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    none = " or None" if allow_none else ""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(
-            f"{layer}: {field} must be True or False{' or None' if optional else ''}, got "
-            f"{value!r}."
+            f"{owner}: {field} must be an integer{none}, got {value!r} "
+            f"({type(value).__name__})."
         )
+    if value < minimum:
+        raise ValueError(f"{owner}: {field} must be >= {minimum}{none}, got {value!r}.")
+    return int(value)
+
+
+def check_bool(owner: str, field: str, value, *, allow_none: bool = False) -> bool | None:
+    """``value`` as a Python bool (or None where allowed); numpy bools accepted."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{owner}: {field} must be True or False{none}, got {value!r}.")
+    return bool(value)
 
 
 def _check_solver(layer: str, field: str, solver) -> None:
@@ -205,19 +206,19 @@ def validate(layer: str, options: Any) -> None:
             f"{layer}: adjoint must be deq.ImplicitAdjoint, deq.PhantomAdjoint, "
             f"deq.JacobianFreeAdjoint or deq.UnrolledAdjoint, got {o.adjoint!r}."
         )
-    check_int(layer, "max_steps", o.max_steps, 1)
-    check_int(layer, "eval_max_steps", o.eval_max_steps, 1, optional=True)
-    check_int(layer, "warn_unconverged_after", o.warn_unconverged_after, 1, optional=True,
-              hint=" (None: never warn)")
+    check_int(layer, "max_steps", o.max_steps, minimum=1)
+    check_int(layer, "eval_max_steps", o.eval_max_steps, minimum=1, allow_none=True)
+    check_int(layer, "warn_unconverged_after", o.warn_unconverged_after, minimum=1,
+              allow_none=True)
     if not (isinstance(o.z_init, str) or callable(o.z_init)):
         raise TypeError(
             f"{layer}: z_init must be 'zeros', the name of a method of the cell (e.g. "
             f"'inject') or a callable x -> z0, got {o.z_init!r}."
         )
-    _check_bool(layer, "batched", o.batched)
-    _check_bool(layer, "deterministic", o.deterministic, optional=True)
-    check_int(layer, "jac_reg_samples", o.jac_reg_samples, 0, hint=" (0 disables the penalty)")
-    check_int(layer, "jac_reg_batch", o.jac_reg_batch, 1, optional=True)
+    check_bool(layer, "batched", o.batched)
+    check_bool(layer, "deterministic", o.deterministic, allow_none=True)
+    check_int(layer, "jac_reg_samples", o.jac_reg_samples, minimum=0)
+    check_int(layer, "jac_reg_batch", o.jac_reg_batch, minimum=1, allow_none=True)
     if o.jac_reg_batch is not None and not o.batched:
         raise ValueError(f"{layer}: jac_reg_batch needs batched=True (a batch to subsample).")
 

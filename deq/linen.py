@@ -18,6 +18,7 @@ from deq._solvers import ForwardSolver
 _NAME = "deq.linen.DEQ"
 
 LayerStats = common.LayerStats
+UnconvergedWarning = common.UnconvergedWarning
 
 _STATEFUL = ((nn.BatchNorm, "BatchNorm"), (nn.Dropout, "Dropout"),
              (nn.SpectralNorm, "SpectralNorm"))
@@ -224,4 +225,4 @@ class DEQ(nn.Module):
         return z
 
 
-__all__ = ["DEQ", "LayerStats"]
+__all__ = ["DEQ", "LayerStats", "UnconvergedWarning"]

@@ -18,6 +18,7 @@ _NAME = "deq.nnx.DEQ"
 
 
 LayerStats = common.LayerStats
+UnconvergedWarning = common.UnconvergedWarning
 
 
 class DEQStats(nnx.Variable):
@@ -308,4 +309,4 @@ class DEQ(nnx.Module):
         return rngs
 
 
-__all__ = ["DEQ", "DEQAuxLoss", "DEQStats", "LayerStats"]
+__all__ = ["DEQ", "DEQAuxLoss", "DEQStats", "LayerStats", "UnconvergedWarning"]
