@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -28,6 +27,7 @@ from deq._adjoint import Adjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats
 from deq._solvers import ForwardSolver
+from deq._validate import check_bool, check_int
 from deq.regularization import jacobian_regularization
 
 DEFAULT_MAX_STEPS = 30
@@ -156,34 +156,6 @@ def stateful_error(layer: str, what: str, where: str, reason: str) -> StatefulCe
 # ---------------------------------------------------------------------------------------------
 # Options: checked when the layer is built, and frozen into a hashable CallOptions per call.
 
-# The same contract as the core's deq._validate (Python and numpy integers accepted, bools and
-# floats rejected with a TypeError, out of range a ValueError; owner and field named).
-def check_int(owner: str, field: str, value, *, minimum: int,
-              allow_none: bool = False) -> int | None:
-    """``value`` as a Python int (or None where allowed)."""
-    if value is None and allow_none:
-        return None
-    none = " or None" if allow_none else ""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{owner}: {field} must be an integer{none}, got {value!r} "
-            f"({type(value).__name__})."
-        )
-    if value < minimum:
-        raise ValueError(f"{owner}: {field} must be >= {minimum}{none}, got {value!r}.")
-    return int(value)
-
-
-def check_bool(owner: str, field: str, value, *, allow_none: bool = False) -> bool | None:
-    """``value`` as a Python bool (or None where allowed); numpy bools accepted."""
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, (bool, np.bool_)):
-        none = " or None" if allow_none else ""
-        raise TypeError(f"{owner}: {field} must be True or False{none}, got {value!r}.")
-    return bool(value)
-
-
 def _check_solver(layer: str, field: str, solver) -> None:
     if solver is not None and not isinstance(solver, ForwardSolver):
         raise TypeError(
@@ -216,7 +188,8 @@ def validate(layer: str, options: Any) -> None:
             f"'inject') or a callable x -> z0, got {o.z_init!r}."
         )
     check_bool(layer, "batched", o.batched)
-    check_bool(layer, "deterministic", o.deterministic, allow_none=True)
+    if o.deterministic is not None:
+        check_bool(layer, "deterministic", o.deterministic)
     check_int(layer, "jac_reg_samples", o.jac_reg_samples, minimum=0)
     check_int(layer, "jac_reg_batch", o.jac_reg_batch, minimum=1, allow_none=True)
     if o.jac_reg_batch is not None and not o.batched:
