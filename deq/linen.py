@@ -103,8 +103,16 @@ class DEQ(nn.Module):
       ``sum(jax.tree.leaves(mutated["losses"]))`` adds up the penalties of all layers.
 
     Cells must not hold state that changes on each call: ``nn.BatchNorm``, ``nn.Dropout``,
-    ``nn.SpectralNorm`` and any collection other than ``params`` are rejected with an error
-    naming the layer (use GroupNorm/LayerNorm and weight normalisation; put dropout outside).
+    ``nn.SpectralNorm``, any collection other than ``params``, and a cell that draws random
+    numbers (``self.make_rng``, even when the rng is passed) are rejected with an error
+    naming the layer and the module (use GroupNorm/LayerNorm and weight normalisation; put
+    dropout and noise outside).
+
+    Eager calls (``model.apply`` outside ``jit``) are cheap after the first: the forward pass
+    runs in a ``jax.jit`` keyed on the cell's module definition and the layer's options, so
+    later calls with the same shapes reuse its compilation; under ``jax.jit`` nothing
+    changes. When training solves keep stopping unconverged, one
+    :class:`UnconvergedWarning` says so (see ``warn_unconverged_after``).
 
     Attributes:
       cell: a Linen module called as ``cell(z, x)`` returning a ``z``-shaped output.
@@ -120,6 +128,14 @@ class DEQ(nn.Module):
       jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
       jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
         batch (still unbiased; its second-order backward pass is the expensive part).
+      deterministic: evaluation mode (the ``eval_*`` settings, no Jacobian penalty, no
+        counting of unconverged solves); may instead be passed to the call. Unset in both
+        places: training.
+      eval_solver: forward solver in evaluation mode (default: ``solver``).
+      eval_max_steps: budget of the forward solve in evaluation mode (default:
+        ``max_steps``); the stats' traces have length ``max(max_steps, eval_max_steps)``.
+      warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many training
+        solves of layers with this cell class have stopped unconverged; None never warns.
 
     Example usage::
 

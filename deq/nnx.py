@@ -144,15 +144,32 @@ class DEQ(nnx.Module):
       that), else 0. Read it inside the loss function with ``layer.jac_loss[...]``.
 
     Cells must not hold state that changes on each call: ``nnx.BatchNorm``, ``nnx.Dropout``,
-    ``nnx.SpectralNorm`` and any ``nnx.BatchStat`` or random state are rejected with an error
-    naming the layer (use GroupNorm/LayerNorm and weight normalisation; put dropout outside).
+    ``nnx.SpectralNorm`` and any ``nnx.BatchStat`` or random state are rejected at
+    construction, and a cell whose call writes or creates any variable (a counter, a running
+    statistic of its own) at its first call, each with an error naming the layer and the
+    variable's path (use GroupNorm/LayerNorm and weight normalisation; put dropout and
+    counters outside).
 
-    Since a call writes ``stats`` (and ``jac_loss``), use the layer as any NNX module with
-    state: through ``nnx.jit`` / ``nnx.grad`` / ``nnx.value_and_grad``, or under plain JAX
-    transforms via ``nnx.split`` and ``nnx.merge(..., copy=True)`` inside the transformed
-    function. For a batch, prefer ``batched=True`` (per-sample stopping already) to
-    ``vmap``; ``nnx.vmap`` with the layer broadcast (``in_axes=None``) fails because the
-    stats of the solves are per sample.
+    ``stats`` and ``jac_loss`` are written where the layer's state can be updated: in eager
+    calls and under NNX transforms that carry the layer (``nnx.jit``, ``nnx.grad``,
+    ``nnx.value_and_grad``, ``nnx.vmap`` with the layer mapped, ...). Under a transform that
+    does not own the layer's state -- a plain JAX transform of a function that closes over
+    the layer (``jax.grad`` inside ``nnx.jit``), or ``nnx.vmap(..., in_axes=(None, 0))``
+    with the layer broadcast (its stats would be per sample) -- the call works and both keep
+    their previous values (and the Jacobian penalty is not computed). For a batch, prefer
+    ``batched=True`` (per-sample stopping already) to ``vmap``.
+
+    Eager calls are cheap after the first: the forward pass runs in a ``jax.jit`` keyed on
+    the cell's graph definition and the layer's options (shapes and dtypes as usual), so a
+    second eager call with the same shapes -- also of another layer with a cell of the same
+    structure -- reuses the compilation. Under ``nnx.jit`` nothing changes (the inner
+    ``jit`` is inlined). A callable ``z_init`` is part of the key: define it once, not as a
+    new lambda per call.
+
+    When training solves keep stopping unconverged (``warn_unconverged_after`` of them for
+    layers of this cell class; evaluation solves are not counted), one
+    :class:`UnconvergedWarning` says so in plain words with what to try. It is counted on
+    the host through a callback that runs only when a solve did not converge.
 
     Args:
       cell: an ``nnx.Module`` called as ``cell(z, x)`` and returning a ``z``-shaped output.
@@ -169,8 +186,15 @@ class DEQ(nnx.Module):
       jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
       jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
         batch (still unbiased; its second-order backward pass is the expensive part).
-      deterministic: if True, skip the (random) Jacobian penalty; ``model.eval()`` and
-        ``model.train()`` set it.
+      deterministic: evaluation mode: the ``eval_*`` settings, no (random) Jacobian penalty,
+        no counting of unconverged solves; ``model.eval()`` and ``model.train()`` set it.
+      eval_solver: forward solver in evaluation mode (default: ``solver``).
+      eval_max_steps: budget of the forward solve in evaluation mode (default:
+        ``max_steps``). Evaluation often needs a tighter solve than training, which can live
+        with a few unconverged steps; the stats' traces have length
+        ``max(max_steps, eval_max_steps)``.
+      warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many training
+        solves have stopped unconverged; None never warns.
       rngs: required when ``jac_reg_samples > 0``; its ``jac_reg`` stream (or default stream)
         draws the probes.
 
