@@ -1,15 +1,13 @@
 """Benchmark of the deq core on a conv DEQ cell: forward solvers, training steps, memory, peers.
 
-The cell is ``z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`` on NHWC images (the injection
-computed outside the solve), its recurrent kernels scaled so that plain iteration needs about 30
-steps to a relative residual of 1e-4 (``calibrate_scale``). Written to ``--out`` as markdown and
-JSON, with ``provenance.json``: (1) steps, final residual and time of each forward solver on one
-batch; (2) one training step (MSE of ``z*`` to a random target, gradient w.r.t. all parameters)
-per adjoint: time (median; all methods timed round-robin after a warm-up), XLA's compiled
-temporary memory, forward/adjoint steps, gradient error vs a tight exact-IFT reference; (3) the
-implicit step's memory at two forward budgets, and unrolled backprop's memory per step; (4) the
-same step through jaxopt and optimistix, if installed; (5) deq's implicit steps vs the peers
-(time) and vs unrolled 32/64 steps (memory).
+The cell ``z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`` (NHWC, the injection computed
+outside the solve) has its recurrent kernels scaled so that plain iteration needs about 30 steps
+to a relative residual of 1e-4. Measured: each forward solver's steps, residual and time; one
+training step (MSE of ``z*`` to a random target) per adjoint, unrolled backprop and the jaxopt /
+optimistix peers (if installed): time (median, all timed round-robin), XLA's compiled temporary
+memory, forward/adjoint steps, gradient error vs a tight reference; the implicit step's memory
+at two forward budgets; ratios vs the peers and vs unrolled. Written to ``--out`` as markdown,
+JSON and ``provenance.json``.
 
 Tolerances across libraries. deq stops per sample (``batched=True``) when
 ``|f(z_i) - z_i| <= 1e-4 |f(z_i)|``. jaxopt's ``tol`` is absolute on the whole batch (L2) and
@@ -17,8 +15,10 @@ optimistix's is elementwise by default, so both get an absolute L2 tolerance cal
 batch: ``1e-4 * ||z*||_2`` (forward) and ``1e-4 * ||dL/dz*||_2`` (backward); that is the same
 relative rule on the whole batch, a weaker one than deq's per-sample rule.
 
-``--conv-vjp hwio`` differentiates the convs with :func:`deq.cells.conv2d_same` (same gradient,
-without XLA:CPU's slow transposed convolutions inside loops, for every library alike)::
+``--precision`` sets JAX's matmul/conv precision of everything measured; the kernel scale and the
+reference gradient are always computed at 'highest'. ``--conv-vjp hwio`` differentiates the
+convs with :func:`deq.cells.conv2d_same` (same gradient, without XLA:CPU's slow transposed
+convolutions inside loops, for every library alike)::
 
     python -m experiments.bench_core --conv-vjp hwio       # CPU: batch 32, 16 channels, 28x28
     python -m experiments.bench_core --batch 128 --channels 64 --precision default   # GPU
@@ -38,7 +38,8 @@ import time
 import warnings
 from collections.abc import Callable
 from functools import partial
-from importlib import import_module, metadata
+from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 from typing import NamedTuple
 
@@ -282,8 +283,10 @@ def run(a, log=print) -> dict:
     prov = provenance(["python", "-m", "experiments.bench_core", *a.argv])
     p = make_problem(a.batch, a.channels, a.size, conv=CONVS[a.conv_vjp],
                      precision=None if a.precision == "default" else a.precision)
-    scale = a.scale or calibrate_scale(p, a.max_steps)[0]
-    p = p.rescale(scale)
+    exact = p._replace(precision="highest")  # calibration and reference: highest precision
+    with jax.default_matmul_precision("highest"):
+        scale = a.scale or calibrate_scale(exact, a.max_steps)[0]
+    p, exact = p.rescale(scale), exact.rescale(scale)
     log(f"{prov['machine']}, {a.conv_vjp} conv VJP, {a.precision} precision: scale {scale:.4f}")
 
     # 1. Forward solvers.
@@ -301,10 +304,11 @@ def run(a, log=print) -> dict:
 
     # The reference gradient (tight forward and GMRES adjoint); it calibrates the peers' tols.
     args = (p.params, deq.backward_stats_probe(), p.x, p.target)
-    (_, ref), (grad_ref, _) = jax.jit(train_step(deq_solve(
-        p, solver("anderson", 1e-6, stall_patience=None), deq.ImplicitAdjoint(
-            deq.GMRES(rtol=1e-6, atol=0.0), max_steps=2000, on_failure="ignore"), 500),
-        keep_z=True))(*args)
+    with jax.default_matmul_precision("highest"):
+        (_, ref), (grad_ref, _) = jax.jit(train_step(deq_solve(
+            exact, solver("anderson", 1e-6, stall_patience=None), deq.ImplicitAdjoint(
+                deq.GMRES(rtol=1e-6, atol=0.0), max_steps=2000, on_failure="ignore"), 500),
+            keep_z=True))(*args)
     fwd_tol = RTOL * float(jnp.linalg.norm(ref["z"]))
     bwd_tol = RTOL * float(jnp.linalg.norm(2.0 * (ref["z"] - p.target) / p.target.size))
     flat_ref = _flat(grad_ref)
@@ -407,7 +411,8 @@ def to_markdown(res: dict) -> str:
         f"Cell `z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`, batch {c['batch']}, "
         f"{c['channels']} channels, {c['size']}x{c['size']} images (NHWC), float32, matmul "
         f"precision '{c['precision']}', conv VJP '{c['conv_vjp']}'. Recurrent kernel scale "
-        f"{res['calibration']['scale']:.4f} (calibrated to {TARGET_STEPS} plain-iteration steps)."
+        f"{res['calibration']['scale']:.4f} (calibrated to {TARGET_STEPS} plain-iteration steps at "
+        f"precision 'highest')."
         f" Relative tolerance {t['rtol']:g} per sample (deq); peers: absolute L2 tolerances "
         f"{t['peer_forward_atol']:.3e} (forward) and {t['peer_backward_atol']:.3e} (backward) = "
         f"{t['rtol']:g} x the batch norm. Forward budget {c['max_steps']} steps. Times: median "
@@ -422,7 +427,7 @@ def to_markdown(res: dict) -> str:
                   for r in res["forward"]]), "",
         "## 2 and 4. One training step (MSE loss of z*, gradient w.r.t. all parameters)", "",
         "`grad diff`: relative L2 distance of the gradient to a tight exact-IFT reference "
-        "(Anderson forward at 1e-6, GMRES adjoint at 1e-6).", "",
+        "(Anderson forward at 1e-6, GMRES adjoint at 1e-6, precision 'highest').", "",
         md_table(["method", "forward", "backward", "step time", "compiled temp memory",
                   "forward steps", "adjoint steps", "grad diff", "compile", "note"],
                  [[r["name"], r["forward"], r["backward"], ms(r["time_ms"]),
@@ -457,13 +462,6 @@ def _version(pkg):
         return None
 
 
-def _missing(*modules) -> str | None:
-    try:
-        [import_module(m) for m in modules]
-    except ImportError as e:
-        return f"not installed ({e}); pip install jaxopt optimistix"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_core",
                                  description=__doc__.split("\n\n")[0])
@@ -483,9 +481,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in (QUICK if a.quick else DEFAULTS).items():
         setattr(a, k, v if getattr(a, k, None) is None else getattr(a, k))
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    a.missing = {"jaxopt": _missing("jaxopt"), "optimistix": _missing("optimistix", "lineax")}
-    if a.no_peers:
-        a.missing = dict.fromkeys(a.missing, "skipped (--no-peers)")
+    a.missing = {k: "skipped (--no-peers)" if a.no_peers else None if all(map(find_spec, m))
+                 else "not installed (pip install jaxopt optimistix)"
+                 for k, m in (("jaxopt", ["jaxopt"]), ("optimistix", ["optimistix", "lineax"]))}
     return a
 
 
