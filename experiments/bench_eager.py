@@ -33,7 +33,7 @@ from deq.cells import nnx as nnx_cells
 from experiments.reproduce import provenance
 from experiments.train import machine_description
 
-DEFAULTS = dict(batch=32, size=14, channels=8, max_steps=20, repeats=5)
+DEFAULTS = dict(batch=32, size=14, channels=8, max_steps=20, repeats=15)
 QUICK = dict(batch=4, size=6, channels=4, max_steps=8, repeats=2)
 OUT = Path(__file__).resolve().parent / "results" / "bench_eager"
 
