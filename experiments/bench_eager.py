@@ -3,8 +3,9 @@
 The model is the drop-in case of the README: a conv stem, ``DEQ(MDEQCell)`` and a linear head
 on a batch of images. An eager call is ``model(x)`` (NNX) or ``model.apply(params, x)`` (Linen)
 outside any ``jit``; a jitted call goes through ``nnx.jit`` / ``jax.jit``. For each: the first
-call (compilation included) and the median of ``--repeats`` later calls, each with fresh input
-values of the same shape, timed to ``block_until_ready``. Target: the second eager call within
+call (compilation included, from empty compilation caches) and the median of ``--repeats`` later
+calls, each with fresh input values of the same shape, timed to ``block_until_ready`` and taken
+round-robin with the jitted mode so that both see the same machine load. Target: the second eager call within
 2x of the jitted one. A benchmark, not a test: the figures depend on the machine and its load.
 
     python -m experiments.bench_eager                      # writes experiments/results/bench_eager
@@ -35,6 +36,7 @@ from experiments.train import machine_description
 
 DEFAULTS = dict(batch=32, size=14, channels=8, max_steps=20, repeats=15)
 QUICK = dict(batch=4, size=6, channels=4, max_steps=8, repeats=2)
+REPEATS = [DEFAULTS["repeats"]]
 OUT = Path(__file__).resolve().parent / "results" / "bench_eager"
 
 
@@ -62,37 +64,45 @@ class LinenModel(nn.Module):
         return nn.Dense(10)(jnp.mean(z, axis=(1, 2)))
 
 
-def _time(call, inputs) -> tuple[float, float]:
-    """(first call, median of the later calls), in seconds."""
-    times = []
-    for x in inputs:
-        start = time.perf_counter()
-        jax.block_until_ready(call(x))
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+def _timed(call, x) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(call(x))
+    return time.perf_counter() - start
+
+
+def _compare(framework: str, calls: dict, fresh) -> list[tuple]:
+    """First call of each mode (from empty compilation caches), then the later calls taken
+    round-robin, so that both modes see the same machine load."""
+    first = {}
+    for mode, call in calls.items():
+        jax.clear_caches()
+        first[mode] = _timed(call, fresh())
+    for call in calls.values():  # compile again what the last clear_caches dropped
+        jax.block_until_ready(call(fresh()))
+    later = {mode: [] for mode in calls}
+    for _ in range(REPEATS[0]):
+        x = fresh()
+        for mode, call in calls.items():
+            later[mode].append(_timed(call, x))
+    return [(framework, m, first[m], statistics.median(later[m])) for m in calls]
 
 
 def run(o: dict) -> list[dict]:
     rng = np.random.default_rng(0)
     shape = (o["batch"], o["size"], o["size"], 1)
-    fresh = lambda: [jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                     for _ in range(o["repeats"] + 1)]
-    rows = []
-    # Each mode gets its own model, so that no compilation is shared between the rows.
-    model = NNXModel(o["channels"], o["max_steps"], rngs=nnx.Rngs(0))
-    rows.append(("nnx", "eager", *_time(model, fresh())))
-    model = NNXModel(o["channels"], o["max_steps"], rngs=nnx.Rngs(0))
-    jax.clear_caches()
+    fresh = lambda: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    REPEATS[0] = o["repeats"]
+    # Each mode gets its own model object (nothing shared but the definition).
+    eager_model = NNXModel(o["channels"], o["max_steps"], rngs=nnx.Rngs(0))
+    jit_model = NNXModel(o["channels"], o["max_steps"], rngs=nnx.Rngs(0))
     jitted = nnx.jit(lambda m, x: m(x))
-    rows.append(("nnx", "nnx.jit", *_time(lambda x: jitted(model, x), fresh())))
-
+    rows = _compare("nnx", {"eager": eager_model, "nnx.jit": lambda x: jitted(jit_model, x)},
+                    fresh)
     linen_model = LinenModel(o["channels"], o["max_steps"])
     params = jax.jit(linen_model.init)(jax.random.key(0), jnp.zeros(shape))
-    jax.clear_caches()  # init compiled the layer's solve: start the Linen rows from nothing
-    rows.append(("linen", "eager", *_time(lambda x: linen_model.apply(params, x), fresh())))
-    jax.clear_caches()
     apply = jax.jit(linen_model.apply)
-    rows.append(("linen", "jax.jit", *_time(lambda x: apply(params, x), fresh())))
+    rows += _compare("linen", {"eager": lambda x: linen_model.apply(params, x),
+                               "jax.jit": lambda x: apply(params, x)}, fresh)
     return [dict(framework=f, mode=m, first_s=a, later_s=b) for f, m, a, b in rows]
 
 
