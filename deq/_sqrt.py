@@ -54,9 +54,13 @@ def fixed_point_sqrt(x):
     :math:`\partial y / \partial x = 1 / (2 y)`, computed from the saved converged ``y``.
     This is the smallest complete example of the pattern that :func:`deq.fixed_point` generalises.
 
-    Ten steps from 1 give full float32/float64 accuracy for inputs in roughly
-    ``[1e-3, 1e5]``; outside that range the iteration has not converged yet (Newton's method
-    halves the error's exponent only once it is close) and the result is a worse approximation.
+    Ten steps from 1 are exact to rounding only in a band around 1. Measured (relative
+    error against ``np.sqrt``, held by ``tests/test_sqrt.py``): at most 2 ulps (about
+    2.4e-7) for ``x`` in ``[1e-4, 1.5e4]`` in float32, and at most 2 ulps (about 4.4e-16)
+    for ``x`` in ``[1e-3, 1e3]`` in float64. Outside, the iteration has not converged yet
+    (from ``y = 1`` Newton's method first only halves or doubles ``y`` per step, and converges
+    quadratically once close) and the error grows fast: in float32 about 1e-6 at 2e4 and 5e-5,
+    1.5e-5 at 3e4, 3e-3 at 1e5 and 1e-5 (roughly symmetric under ``x -> 1/x``).
 
     Args:
       x: array of any shape with strictly positive entries. Integer inputs are promoted to
@@ -67,9 +71,9 @@ def fixed_point_sqrt(x):
 
     Raises:
       ValueError: if ``x`` is concrete (not traced by ``jit``/``vmap``/``grad``) and has an
-        entry that is not strictly positive (zero, negative or NaN). Under a transformation
-        the values cannot be inspected; such entries then give NaN, as ``jnp.sqrt`` does
-        for negative numbers.
+        entry that is not strictly positive and finite (zero, negative, NaN or inf). Under a
+        transformation the values cannot be inspected; such entries then give NaN, as
+        ``jnp.sqrt`` does for negative numbers.
 
     Example::
 
@@ -81,13 +85,14 @@ def fixed_point_sqrt(x):
     """
     x = _as_float(x)
     if not isinstance(x, jax.core.Tracer):
-        bad = ~(np.asarray(x) > 0)
+        xv = np.asarray(x)
+        bad = ~((xv > 0) & np.isfinite(xv))
         if bad.any():
             idx = np.argwhere(bad)
             first = tuple(int(i) for i in idx[0])
             raise ValueError(
-                "fixed_point_sqrt needs strictly positive inputs; got "
-                f"{int(bad.sum())} entr{'y' if bad.sum() == 1 else 'ies'} <= 0 or NaN "
-                f"(first at index {first}: {np.asarray(x)[first]!r})."
+                "fixed_point_sqrt needs strictly positive finite inputs; got "
+                f"{int(bad.sum())} entr{'y' if bad.sum() == 1 else 'ies'} <= 0, inf or NaN "
+                f"(first at index {first}: {xv[first]!r})."
             )
     return _sqrt(x)
