@@ -64,7 +64,7 @@ def fixed_point(
     ``fn`` maps a pytree ``z`` and a pytree ``args`` to a pytree shaped like ``z``. The
     forward pass is run by ``solver``; how gradients flow to ``args`` is decided by
     ``adjoint`` (exact implicit differentiation by default: constant memory in the number of
-    solver steps). Gradients flow to every floating-point leaf of ``args`` and to arrays that
+    solver steps). Gradients flow to every floating-point array in ``args`` and to arrays that
     ``fn`` closes over (they are converted to explicit arguments with
     ``jax.closure_convert``); ``z0`` receives a zero gradient, as the fixed point does not
     depend on where the solve starts. Works under ``jit``, ``vmap`` and ``grad``.

@@ -243,7 +243,7 @@ def test_backward_stats_of_solves_sharing_a_probe_add_up(x64):
     np.testing.assert_allclose(shared.rel_residual, shared.abs_residual / np.sqrt(u_sq),
                                rtol=1e-12)
     # Unused probe: zero solves, converged.
-    empty = deq.backward_stats(jnp.zeros(deq._solution.BACKWARD_STATS_SIZE))
+    empty = deq.backward_stats(jnp.zeros_like(deq.backward_stats_probe()))
     assert int(empty.num_solves) == 0 and bool(empty.converged) and int(empty.result) == OK
 
 

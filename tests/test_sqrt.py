@@ -1,5 +1,7 @@
 """The base case: deq.fixed_point_sqrt, its IFT gradient, and the same through fixed_point."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,10 +76,35 @@ def test_backward_never_unrolls_the_newton_loop():
     assert _count_primitives(full, {"while", "scan"}) == 1
 
 
-@pytest.mark.parametrize("bad", [[4.0, 0.0], [-1.0, 2.0], [np.nan, 1.0]])
-def test_non_positive_concrete_input_raises(bad):
+@pytest.mark.parametrize("bad", [[4.0, 0.0], [-1.0, 2.0], [np.nan, 1.0], [1.0, np.inf],
+                                 [-np.inf, 1.0]])
+def test_non_positive_or_non_finite_concrete_input_raises(bad):
     with pytest.raises(ValueError, match="strictly positive"):
         deq.fixed_point_sqrt(jnp.array(bad))
+
+
+def _documented_range(dtype_name):
+    """The accuracy range the docstring states for a dtype: (bound in ulps, lo, hi)."""
+    doc = " ".join(deq.fixed_point_sqrt.__doc__.split())
+    m = re.search(r"at most (\d+) ulps \(about [^)]*\) for ``x`` in ``\[([^,]+), ([^\]]+)\]`` "
+                  rf"in {dtype_name}", doc)
+    assert m, f"the docstring no longer states the {dtype_name} accuracy range"
+    return int(m.group(1)), float(m.group(2)), float(m.group(3))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_documented_accuracy_range_holds_and_is_tight(x64, dtype):
+    ulps, lo, hi = _documented_range(jnp.dtype(dtype).name)
+    bound = ulps * float(jnp.finfo(dtype).eps)
+    # Inside: a dense grid, the ends included. Just outside (x2 in float32, x4 in float64,
+    # where the 10 steps have not converged yet): the bound fails, so a stale range shows.
+    factor = 2.0 if dtype == jnp.float32 else 4.0
+    x = np.concatenate([np.geomspace(lo, hi, 2001), [lo / factor, hi * factor]])
+    xd = jnp.asarray(x, dtype)
+    ref = np.sqrt(np.asarray(xd, np.float64))
+    err = np.abs(np.asarray(deq.fixed_point_sqrt(xd), np.float64) - ref) / ref
+    assert err[:-2].max() <= bound, (err[:-2].max(), bound)
+    assert np.all(err[-2:] > bound), (err[-2:], bound)
 
 
 def test_non_positive_traced_input_gives_nan_like_jnp_sqrt():
