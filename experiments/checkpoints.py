@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -197,10 +198,26 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
+def _unraisable_hook(hook):
+    def ignore_closed_loop(unraisable):
+        # After a failed restore, TensorStore's callbacks into orbax's closed asyncio loop
+        # raise this dozens of times; it says nothing the CheckpointError does not.
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        hook(unraisable)
+
+    ignore_closed_loop.deq_quiet = True
+    return ignore_closed_loop
+
+
 @contextlib.contextmanager
 def quiet_orbax():
     """Silence orbax/TensorStore/absl logging (INFO chatter, error dumps on a failed restore)
-    and asyncio's "Event loop is closed" reports, for the duration of the block."""
+    for the duration of the block, and (from then on) the "Event loop is closed" reports that
+    TensorStore threads leave behind a failed restore."""
+    if not getattr(sys.unraisablehook, "deq_quiet", False):
+        sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
     names = ("absl", "orbax", "asyncio", "jax._src.distributed")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]

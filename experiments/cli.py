@@ -162,8 +162,14 @@ def config_path_in(argv) -> str | None:
 # Errors and console
 
 
-def fail(prog: str, message: str, code: int = 2):
+def fail(prog: str, message: str, code: int = 2, *, hard: bool = False):
+    """Print ``<prog>: error: <message>`` and exit. ``hard`` skips the interpreter's shutdown
+    (after a failed run; our files are closed by then), where orbax/TensorStore threads can
+    still be busy."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    if hard:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -182,7 +188,7 @@ def short_errors(prog: str):
     except user_errors() as e:
         if os.environ.get("DEQ_TRACEBACK"):
             raise
-        fail(prog, str(e), code=2 if isinstance(e, ConfigError) else 1)
+        fail(prog, str(e), code=2 if isinstance(e, ConfigError) else 1, hard=True)
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -60,6 +60,14 @@ def test_smoke_run_end_to_end(smoke_runs):
     tmp_path = smoke_runs / "smoke"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_step"] == summary["total_steps"] == 12
+    # Every solve of the run is accounted for: 12 training batches, 2 x 2 evaluation batches.
+    assert summary["train_steps"] == 12 and summary["eval_batches"] == 4
+    assert summary["skipped_steps"] == 0
+    for key in ("train_fwd_unconverged", "train_bwd_unconverged"):
+        assert 0 <= summary[key] <= 12
+    assert summary["all_solves_converged"] == (
+        summary["train_fwd_unconverged"] + summary["train_bwd_unconverged"]
+        + summary["eval_fwd_unconverged"] == 0)
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert summary["train_step_temp_bytes"] is not None
     records = train.read_metrics(tmp_path)
@@ -89,12 +97,12 @@ def test_deq_learns_the_digits(tmp_path, tfds_dir):
 def test_resume_after_interruption_gives_the_same_parameters(tmp_path, tfds_dir):
     config = smoke_config(tfds_dir, **{"train.num_epochs": 3, "train.checkpoint_every": 5})
     train.train_and_evaluate(config, tmp_path / "straight")
-    # Interrupted at step 7: the checkpoint of step 6 (end of epoch 1) survives, steps 7 is
-    # lost and recomputed; then interrupted again at step 13 (checkpoint at step 10).
+    # Interrupted at step 7: the checkpoint of step 6 (end of epoch 1) survives, step 7 is
+    # lost and recomputed; then interrupted at step 11, mid-epoch 2 (checkpoint at step 10).
     assert train.train_and_evaluate(config, tmp_path / "resumed", stop_after=7) is None
     assert train.load_checkpoint(tmp_path / "resumed")[0] == 6
-    assert train.train_and_evaluate(config, tmp_path / "resumed", stop_after=7) is None
-    assert train.load_checkpoint(tmp_path / "resumed")[0] == 12
+    assert train.train_and_evaluate(config, tmp_path / "resumed", stop_after=5) is None
+    assert train.load_checkpoint(tmp_path / "resumed")[0] == 10
     train.train_and_evaluate(config, tmp_path / "resumed")
     s1, a = train.load_checkpoint(tmp_path / "straight")
     s2, b = train.load_checkpoint(tmp_path / "resumed")
@@ -103,6 +111,15 @@ def test_resume_after_interruption_gives_the_same_parameters(tmp_path, tfds_dir)
     # Metrics of the resumed run: every step once, no duplicates from the interruptions.
     steps = [r["step"] for r in train.read_metrics(tmp_path / "resumed") if r["kind"] == "train"]
     assert steps == sorted(set(steps)) == list(range(2, 19, 2))
+    # The epoch resumed mid-way (epoch 2) averages over all its 6 steps, as the straight run.
+    epochs = {name: [r for r in train.read_metrics(tmp_path / name) if r["kind"] == "epoch"]
+              for name in ("straight", "resumed")}
+    for r1, r2 in zip(epochs["straight"], epochs["resumed"], strict=True):
+        assert r2["train_steps"] == 6 and "partial" not in r2
+        for key in ("train_loss", "train_accuracy", "train_grad_norm", "train_fwd_steps",
+                    "train_bwd_steps", "train_fwd_rel_residual", "train_fwd_unconverged",
+                    "train_fwd_steps_max", "test_accuracy"):
+            np.testing.assert_allclose(r2[key], r1[key], rtol=1e-12, err_msg=key)
 
 
 def test_resume_after_kill_9(tmp_path, tfds_dir):
@@ -214,6 +231,9 @@ def test_command_line_overrides_and_bad_fields(tmp_path, tfds_dir):
     assert ok.returncode == 0, ok.stderr[-2000:]
     stored = json.loads((tmp_path / "a" / "config.json").read_text())
     assert stored["solver.max_steps"] == 5 and stored["train.num_epochs"] == 1
+    # The console: one line per epoch, the result, and whether every solve converged.
+    assert "epoch 1/1: train loss" in ok.stdout and "| test acc" in ok.stdout
+    assert "smoke: test accuracy" in ok.stdout and "backward solves:" in ok.stdout
     bad = subprocess.run(base + ["--workdir", str(tmp_path / "b"), "--config.solver.nope=3"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "nope" in bad.stderr
@@ -226,12 +246,12 @@ def test_command_line_overrides_and_bad_fields(tmp_path, tfds_dir):
 def test_load_config_overrides(tmp_path):
     config = load_config(str(ROOT / "configs" / "smoke.py"),
                          ["solver.max_steps=3", "config.model.weight_norm=false",
-                          "optim.learning_rate=0.5"])
+                          "--config.optim.learning_rate=0.5"])
     assert config.solver.max_steps == 3 and config.model.weight_norm is False
     assert config.optim.learning_rate == 0.5
-    with pytest.raises(KeyError, match="solver.nope"):
+    with pytest.raises(ValueError, match="has no field 'solver.nope'"):
         load_config(str(ROOT / "configs" / "smoke.py"), ["solver.nope=1"])
-    with pytest.raises(ValueError, match="solver.max_steps='x'"):
+    with pytest.raises(ValueError, match="max_steps=x: invalid literal"):
         load_config(str(ROOT / "configs" / "smoke.py"), ["solver.max_steps=x"])
 
 
@@ -285,5 +305,174 @@ def test_compare_writes_table_and_plots(tmp_path, smoke_runs):
     assert "Machine:" in table
     for f in ("comparison.md", "comparison.json", "comparison.png", "memory.png"):
         assert (tmp_path / f).stat().st_size > 0
-    with pytest.raises(FileNotFoundError, match="no summary.json"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         compare.summarize(tmp_path / "missing")
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(FileNotFoundError, match="no summary.json: the run has not finished"):
+        compare.summarize(tmp_path / "unfinished")
+
+
+# ------------------------------------------------------------------------------------------
+# Faults and bad inputs, as a user meets them (README: "faults and bad inputs we test").
+
+
+def _cli(*args, module="experiments.main", timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "DEQ_TRACEBACK"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train_cli(workdir, tfds_dir, *overrides, config="configs/smoke.py"):
+    return _cli("--config", ROOT / config, "--workdir", workdir,
+                f"--config.data.tfds_dir={tfds_dir}", *overrides)
+
+
+def _short_error(proc, code, *needles, max_lines=2):
+    """A failed command that says what went wrong in a line or two, without a traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    err = proc.stderr
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "Warning" not in ln and "callback(" not in ln]
+    assert len(lines) <= max_lines, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _files(directory):
+    return {p: p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_corrupted_checkpoint_is_refused_and_the_advice_resumes_the_run(
+        tmp_path, tfds_dir, smoke_runs):
+    shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
+    step_dir = tmp_path / "checkpoints" / "12"
+    # Flip bytes in the middle of every OCDBT data file: same sizes, different content.
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            data = bytearray(f.read_bytes())
+            mid = len(data) // 2
+            data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+            f.write_bytes(bytes(data))
+    before = _files(step_dir)
+    err = _short_error(_train_cli(tmp_path, tfds_dir), 1, "checkpoint of step 12",
+                       "left untouched", "previous checkpoint (step 8)", max_lines=1)
+    # Caught by the sha256 digest of the arrays (or, for bytes orbax cannot decode, by orbax).
+    assert "does not match the sha256 digest" in err or "cannot restore" in err
+    assert _files(step_dir) == before
+    # Following the advice resumes from step 8 and finishes the run, although the metrics
+    # file ends in a line cut by a crash in the middle of a write.
+    shutil.move(step_dir, tmp_path / "bad-checkpoint-12")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 1')
+    ok = _train_cli(tmp_path, tfds_dir)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "resumed from step 8" in ok.stdout and "epoch 2/2:" in ok.stdout
+    assert "warning:" in ok.stdout and "dropped its truncated last line" in ok.stdout
+    records = train.read_metrics(tmp_path)  # every line parses again
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_checkpoint_with_a_deleted_manifest_is_a_short_error(tmp_path, tfds_dir, smoke_runs):
+    shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
+    for f in (tmp_path / "checkpoints" / "12").rglob("manifest.ocdbt"):
+        f.unlink()
+    _short_error(_train_cli(tmp_path, tfds_dir), 1, "cannot restore the checkpoint of step 12",
+                 "left untouched", max_lines=1)
+
+
+def test_truncated_checkpoint_file_is_a_one_paragraph_error(tmp_path, tfds_dir, smoke_runs):
+    shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
+    state = tmp_path / "checkpoints" / "12" / "state"
+    for f in list(state.rglob("*")):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(train.CheckpointError) as info:
+        train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
+    message = str(info.value)
+    assert "step 12" in message and "previous checkpoint (step 8)" in message
+    assert "\n" not in message and len(message) < 1200 and "tensorstore_spec" not in message
+
+
+def test_nonfinite_checkpoint_values_are_refused(tmp_path):
+    import jax.numpy as jnp
+
+    from experiments import checkpoints
+
+    manager = checkpoints.make_manager(tmp_path, keep=2)
+    state = {"params": {"w": jnp.array([1.0, jnp.nan])}, "opt_state": ()}
+    checkpoints.save(manager, 3, state)
+    with pytest.raises(train.CheckpointError, match=r"step 3 .* non-finite values .* params/w"):
+        checkpoints.load(tmp_path)
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, tfds_dir):
+    # A learning rate of 1e30 makes the parameters huge after the first step: the loss of
+    # step 2 is not finite.
+    proc = _train_cli(tmp_path, tfds_dir, "--config.optim.learning_rate=1e30",
+                      "--config.optim.schedule=constant", "--config.optim.grad_clip=0",
+                      "--config.train.checkpoint_every=1")
+    _short_error(proc, 1, "training stopped at step 2: non-finite",
+                 "the last good checkpoint is step 1", "--config.train.on_nonfinite=skip")
+    assert not (tmp_path / "summary.json").exists()
+    assert train.load_checkpoint(tmp_path)[0] == 1  # nothing after the bad step was saved
+
+
+def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path, tfds_dir):
+    config = smoke_config(tfds_dir, **{"optim.learning_rate": 1e30, "optim.schedule": "constant",
+                                       "optim.grad_clip": 0.0, "train.on_nonfinite": "skip",
+                                       "train.num_epochs": 1})
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert summary["skipped_steps"] == 5 and summary["train_steps"] == 6
+    assert not summary["all_solves_converged"] or summary["skipped_steps"]
+    assert "5 training steps skipped" in train.convergence_report(summary)
+    train.load_checkpoint(tmp_path)  # the skipped updates left the saved state finite
+
+
+def test_help_lists_the_config_fields_and_exits_0():
+    proc = _cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("--config FILE", "--workdir DIR", "--config.<field>=<value>",
+                 "train.num_epochs = 20", "solver.max_steps = 30", "train.on_nonfinite = 'stop'"):
+        assert text in proc.stdout, text
+    compare_help = _cli("--help", module="experiments.compare")
+    assert compare_help.returncode == 0 and "--config.<field>=<value>" in compare_help.stdout
+
+
+@pytest.mark.parametrize("module,args,needles", [
+    ("experiments.main", ["--config.foo=1"], ["--config.foo", "no field 'foo'"]),
+    ("experiments.main", ["--config.train.epochs=abc"],
+     ["no field 'train.epochs'", "Did you mean --config.train.num_epochs?"]),
+    ("experiments.main", ["--config.train.num_epochs=abc"], ["train.num_epochs=abc"]),
+    ("experiments.compare", ["--config.solver.max_step=3"],
+     ["Did you mean --config.solver.max_steps?"]),
+])
+def test_unknown_or_mistyped_field_is_a_short_error(tmp_path, module, args, needles):
+    config_flag = "--configs" if module == "experiments.compare" else "--config"
+    proc = _cli(config_flag, ROOT / "configs/smoke.py", "--workdir", tmp_path / "run", *args,
+                module=module)
+    _short_error(proc, 2, *needles, max_lines=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file_is_a_short_error(tmp_path):
+    proc = _cli("--config", tmp_path / "nope.py", "--workdir", tmp_path / "run")
+    _short_error(proc, 2, f"config file {tmp_path / 'nope.py'} does not exist", max_lines=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_mnist_folder_is_a_short_error_and_leaves_no_workdir(tmp_path, tfds_dir):
+    proc = _train_cli(tmp_path / "run", tfds_dir, f"--config.data.dir={tmp_path / 'nope'}",
+                      config="configs/mnist_deq.py")
+    # The error explains where to get the files: a few lines, no traceback.
+    _short_error(proc, 1, str(tmp_path / "nope"), "does not exist", max_lines=12)
+    assert not (tmp_path / "run").exists()  # a rerun with other settings is not refused
+
+
+def test_compare_on_a_path_that_does_not_exist_says_so(tmp_path):
+    proc = _cli("--runs", tmp_path / "nonexistent", "--out", tmp_path / "out",
+                module="experiments.compare")
+    _short_error(proc, 1, f"run directory {tmp_path / 'nonexistent'} does not exist",
+                 max_lines=1)
+    assert not (tmp_path / "out").exists()
