@@ -18,6 +18,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -25,6 +26,18 @@ def _owner(owner: Any) -> str:
     if isinstance(owner, str):
         return owner
     return owner.__name__ if isinstance(owner, type) else type(owner).__name__
+
+
+def _scalar(owner, field, value):
+    """A concrete 0-d numpy or JAX array as its Python scalar; anything else unchanged."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{_owner(owner)}: {field} is a traced value; options are fixed when the object "
+            "is built, so pass a concrete Python number (build it outside jit/grad)."
+        )
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
 
 
 def _is_bool(value) -> bool:
@@ -37,33 +50,38 @@ def _show(value) -> str:
 
 def check_int(owner, field: str, value, *, minimum: int | None = None,
               allow_none: bool = False) -> int | None:
-    """``value`` as a Python int; accepts Python and numpy integers, never bools or floats."""
+    """``value`` as a Python int; accepts Python and numpy integers (and concrete 0-d integer
+    arrays), never bools or floats."""
     if value is None and allow_none:
         return None
+    value = _scalar(owner, field, value)
     if _is_bool(value) or not isinstance(value, numbers.Integral):
         none = " or None" if allow_none else ""
+        hint = ""
+        if isinstance(value, numbers.Real) and not _is_bool(value) and float(value).is_integer():
+            hint = f"; pass {field}={int(value)}"
         raise TypeError(
-            f"{_owner(owner)}: {field} must be an integer{none}, got {_show(value)}; "
-            f"pass e.g. {field}={max(minimum or 0, 1)}."
+            f"{_owner(owner)}: {field} must be an integer{none}, got {_show(value)}{hint}."
         )
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{_owner(owner)}: {field} must be >= {minimum}, got {value}.")
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{_owner(owner)}: {field} must be >= {minimum}{none}, got {value}.")
     return value
 
 
 def check_float(owner, field: str, value, *, minimum: float | None = None,
                 maximum: float | None = None, open_min: bool = False, open_max: bool = False,
                 allow_none: bool = False) -> float | None:
-    """``value`` as a finite Python float in the given range; accepts ints, never bools.
+    """``value`` as a finite Python float in the given range; accepts ints and numpy/concrete
+    0-d arrays, never bools.
 
     ``open_min``/``open_max`` exclude the bound itself: ``minimum=0, open_min=True`` is
     ``value > 0``.
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
+    value = _scalar(owner, field, value)
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{_owner(owner)}: {field} must be a real number, got {_show(value)}."
@@ -85,7 +103,8 @@ def check_float(owner, field: str, value, *, minimum: float | None = None,
     if maximum is not None:
         bad |= value >= maximum if open_max else value > maximum
     if bad:
-        finite = "" if where == "finite" else "finite and "
+        # A range with both ends already says finite.
+        finite = "finite and " if (minimum is None) != (maximum is None) else ""
         raise ValueError(f"{_owner(owner)}: {field} must be {finite}{where}, got {value!r}.")
     return value
 
