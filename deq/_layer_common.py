@@ -238,6 +238,15 @@ class CallOptions(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # The starting point, and a clear message when the cell does not accept it.
 
+def _zeros(shape, dtype):
+    """Zeros of ``shape``, or a tuple/list of zeros when ``shape`` is a tuple/list of shapes."""
+    if isinstance(shape, (tuple, list)) and not all(
+        isinstance(d, (int, np.integer)) for d in shape
+    ):
+        return type(shape)(_zeros(s, dtype) for s in shape)
+    return jnp.zeros(tuple(shape), dtype)
+
+
 def initial_state(
     layer: str,
     init: str | Callable,
@@ -249,7 +258,8 @@ def initial_state(
     """The starting point ``z0`` of the solve.
 
     ``"zeros"``: zeros of shape ``cell.state_shape(x.shape)`` if the cell defines
-    ``state_shape``, else shaped like ``x``. Another string: ``call_method(name)``, the cell's
+    ``state_shape`` (a shape, or a tuple/list of shapes for a tuple state), else shaped like
+    ``x``. Another string: ``call_method(name)``, the cell's
     method of that name applied to ``x`` (e.g. ``"inject"``). A callable: ``init(x)``.
     """
     if batched and jnp.ndim(x) == 0:
@@ -262,7 +272,7 @@ def initial_state(
             dtype = jnp.result_type(x)
             if not jnp.issubdtype(dtype, jnp.inexact):
                 dtype = jnp.result_type(float)
-            return jnp.zeros(shape, dtype)
+            return _zeros(shape, dtype)
         if not hasattr(cell, init):
             raise AttributeError(
                 f"{layer}: z_init={init!r} names no method of the cell "
