@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +147,8 @@ def _restore(manager, step, directory: Path, abstract):
             "It is damaged (a truncated or missing file) or was written by a different model "
             "or config.")) from None
     if legacy:
-        warnings.warn(f"checkpoint {step_dir} has no content digest (written by an older "
-                      "version): restored without verification.", stacklevel=3)
+        logger.warning("checkpoint %s has no content digest (written by an older version): "
+                       "restored without verification.", step_dir)
     else:
         if not isinstance(meta, dict) or "leaves" not in meta:
             raise CheckpointError(_paragraph(

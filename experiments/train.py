@@ -536,7 +536,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             metrics["step_time"] = time.perf_counter() - t
             step += 1
             if not metrics["finite"]:
-                _nonfinite(config, step, metrics, manager, ckpt_dir, writer)
+                _nonfinite(config, step, metrics, manager, ckpt_dir, writer,
+                           stats.counts["skipped"])
             if stop_after is not None and step - start_step >= stop_after:
                 writer.close()
                 return None
@@ -570,7 +571,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_times = [r["step_time"] for r in read_metrics(workdir)
                   if r.get("kind") == "train" and r["step"] > 1]
     last = epoch_records[-1] if epoch_records else {}
-    count = lambda key: int(sum(r.get(key) or 0 for r in epoch_records))
+    def count(key):  # None where an epoch was run by a version that did not count
+        if not epoch_records or any(key not in r for r in epoch_records):
+            return None
+        return int(sum(r[key] for r in epoch_records))
+
     summary = {
         **run_info,
         "final_step": step,
@@ -596,33 +601,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "eval_fwd_unconverged": count("test_fwd_unconverged"),
         "partial_epochs": sum(bool(r.get("partial")) for r in epoch_records),
     }
-    summary["all_solves_converged"] = not (
-        summary["train_fwd_unconverged"] or summary["train_bwd_unconverged"]
-        or summary["eval_fwd_unconverged"]
-    )
+    unconverged = [summary[k] for k in ("train_fwd_unconverged", "train_bwd_unconverged",
+                                        "eval_fwd_unconverged")]
+    summary["all_solves_converged"] = None if None in unconverged else not any(unconverged)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _nonfinite(config, step, metrics, manager, ckpt_dir, writer) -> None:
+def _nonfinite(config, step, metrics, manager, ckpt_dir, writer, skipped: int) -> None:
     """A step whose loss or gradient is not finite: its update was not applied. Stop (the
-    default) or, with ``train.on_nonfinite='skip'``, warn and go on."""
-    what = (f"loss {metrics['loss']:.4g}, Jacobian penalty {metrics['jac_loss']:.4g}, "
-            f"gradient norm {metrics['grad_norm']:.4g}")
+    default) or, with ``train.on_nonfinite='skip'``, warn (the first few times per epoch) and
+    go on; ``skipped`` counts the steps of this epoch skipped before this one."""
+    values = {"loss": metrics["loss"], "Jacobian penalty": metrics["jac_loss"],
+              "gradient norm": metrics["grad_norm"]}
+    bad = [k for k, v in values.items() if not np.isfinite(v)]
+    what = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    what = f"{' and '.join(bad)} ({what})"
     if config.train.on_nonfinite == "skip":
-        logger.warning("step %d: non-finite %s; skipped (its update was not applied).", step,
-                       what)
+        if skipped < 5:
+            logger.warning("step %d: non-finite %s; skipped (its update was not applied)%s.",
+                           step, what, "; further skipped steps of this epoch are only "
+                           "counted" if skipped == 4 else "")
         return
     writer.write({"kind": "nonfinite", "step": step, **metrics})
     writer.close()
     last = manager.latest_step()
-    where = (f"the last good checkpoint is step {last} ({ckpt_dir / str(last)}); rerunning the "
-             "same command resumes from it" if last is not None
-             else "there is no checkpoint yet")
+    where = (f"the last good checkpoint is step {last} ({ckpt_dir / str(last)})"
+             if last is not None else "there is no checkpoint yet")
     raise NonFiniteError(
         f"training stopped at step {step}: non-finite {what}. The update of this step was not "
-        f"applied and nothing after it was saved; {where}. Lower optim.learning_rate, enable "
-        "optim.grad_clip, or set --config.train.on_nonfinite=skip to skip such steps."
+        f"applied and nothing after it was saved; {where}. Rerunning the same command resumes "
+        "from there and will likely meet the same step: add --config.train.on_nonfinite=skip "
+        "to skip such steps (allowed in this workdir), or lower optim.learning_rate / enable "
+        "optim.grad_clip in a new --workdir."
     )
 
 
@@ -646,12 +657,15 @@ def convergence_report(summary: dict) -> str:
         return f"{label} all {total} converged" if not bad else \
             f"{label} {bad} of {total} did NOT converge"
 
-    n = summary.get("train_steps", 0) - summary.get("skipped_steps", 0)
+    if summary.get("all_solves_converged") is None:
+        return ("solver convergence was not counted for every epoch (epochs run by an older "
+                "version): see train_fwd_rel_residual in metrics.jsonl.")
+    n = summary["train_steps"] - summary["skipped_steps"]
     line = "; ".join([
-        part("forward solves (train batches):", summary.get("train_fwd_unconverged", 0), n),
-        part("backward solves:", summary.get("train_bwd_unconverged", 0), n),
-        part("forward solves (eval batches):", summary.get("eval_fwd_unconverged", 0),
-             summary.get("eval_batches", 0)),
+        part("forward solves (train batches):", summary["train_fwd_unconverged"], n),
+        part("backward solves:", summary["train_bwd_unconverged"], n),
+        part("forward solves (eval batches):", summary["eval_fwd_unconverged"],
+             summary["eval_batches"]),
     ])
     if summary.get("skipped_steps"):
         line += f"; {summary['skipped_steps']} training steps skipped (non-finite)"
