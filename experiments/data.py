@@ -56,6 +56,17 @@ from experiments.datasets import MnistIdx, SklearnDigits, find_mnist_files
 
 logger = logging.getLogger(__name__)
 
+
+class _NoDatasetInfoWarning(logging.Filter):
+    """TFDS warns "Variant folder ... has no dataset_info.json" (through absl) before every
+    first build: expected for a dataset not built yet, and nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoDatasetInfoWarning())
+
 DEFAULT_TFDS_DIR = "~/tensorflow_datasets"
 
 # Public dataset name -> TFDS builder class.

@@ -39,9 +39,11 @@ FLAGS_HELP = """flags:
 
 def parse_flags(argv):
     """absl's flag parsing, with our --help and short errors instead of tracebacks."""
-    if cli.wants_help(argv[1:]):
+    if cli.wants_help(argv[1:]) or "--helpfull" in argv[1:]:
         print(__doc__.strip(), FLAGS_HELP, cli.OVERRIDE_HELP,
               cli.fields_help(cli.config_path_in(argv)), sep="\n\n")
+        if "--helpfull" in argv[1:]:
+            print("\nall flags, absl's included:\n" + FLAGS.get_help())
         sys.exit(0)
     path = cli.config_path_in(argv)
     try:

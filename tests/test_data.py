@@ -113,6 +113,13 @@ def test_digits_reused_after_first_build(digits_tfds_dir):
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
+def test_first_build_logs_no_dataset_info_warning(tmp_path, caplog):
+    # TFDS warns that a not-yet-built dataset "has no dataset_info.json": noise, filtered.
+    with caplog.at_level("WARNING"):
+        data.prepare_builder("digits", tfds_dir=tmp_path)
+    assert "dataset_info.json" not in caplog.text
+
+
 def test_digits_readable_with_plain_tfds_data_source(digits_tfds_dir, digits):
     source = tfds.data_source("sklearn_digits", split="test", data_dir=digits_tfds_dir)
     assert len(source) == 360
