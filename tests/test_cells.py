@@ -269,3 +269,134 @@ def test_weight_norm_parameters_are_trained_by_optax():
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after),
                     strict=True):
         assert not np.allclose(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Multiscale MDEQ cell: a tuple state at several resolutions.
+
+
+def _multiscale(dtype=jnp.float32):
+    return (nnx_cells.MultiscaleMDEQCell(2, (2, 4), hidden_channels=(4, 2), num_groups=2,
+                                         param_dtype=dtype, rngs=nnx.Rngs(0)),
+            linen_cells.MultiscaleMDEQCell((2, 4), hidden_channels=(4, 2), num_groups=2))
+
+
+def _switch_on(params):
+    """Every GroupNorm gain at 0.5: the zero-gain residual branches take part in the tests."""
+    def gain(path, a):
+        name = [getattr(k, "key", None) for k in path]
+        return jnp.full_like(a, 0.5) if name[-1] == "scale" and name[-2] == "norm2" else a
+    return jax.tree_util.tree_map_with_path(gain, params)
+
+
+def test_multiscale_cell_layout_state_shapes_and_function_agree_between_nnx_and_linen():
+    nnx_cell, linen_cell = _multiscale()
+    xs = (2, 7, 5, 2)
+    shapes = ((2, 7, 5, 2), (2, 4, 3, 4))
+    assert nnx_cell.state_shape(xs) == linen_cell.state_shape(xs) == shapes
+    params = _switch_on(deq.cells.to_linen_params(nnx_cell))
+    deq.cells.load_linen_params(nnx_cell, params)
+    z = tuple(randn(s, i) for i, s in enumerate(shapes))
+    x = randn(xs, 5)
+    linen_params = jax.eval_shape(linen_cell.init, jax.random.key(0), z, x)["params"]
+    assert _shapes(linen_params) == _shapes(params)
+    assert {"branch0", "branch1", "inject0", "inject1", "down0_1", "up1_0", "post0",
+            "post1"} == set(params)
+    out_nnx = nnx.jit(lambda m, z, x: m(z, x))(nnx_cell, z, x)
+    out_linen = jax.jit(linen_cell.apply)({"params": params}, z, x)
+    assert [a.shape for a in out_nnx] == list(shapes)
+    for a, b in zip(out_nnx, out_linen, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    inj_nnx = nnx.jit(lambda m, x: m.inject(x))(nnx_cell, x)
+    inj_linen = linen_cell.apply({"params": params}, x, method="inject")
+    assert [a.shape for a in inj_nnx] == list(shapes)
+    for a, b in zip(inj_nnx, inj_linen, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # Three resolutions: two-step down paths and a 4x upsampling.
+    cell3 = nnx_cells.MultiscaleMDEQCell(2, (2, 2, 4), num_groups=2, rngs=nnx.Rngs(1))
+    shapes3 = cell3.state_shape((1, 9, 9, 2))
+    assert shapes3 == ((1, 9, 9, 2), (1, 5, 5, 2), (1, 3, 3, 4))
+    out3 = nnx.eval_shape(lambda m: m(tuple(jnp.ones(s) for s in shapes3),
+                                       jnp.ones((1, 9, 9, 2))), cell3)
+    assert tuple(a.shape for a in out3) == shapes3
+    with pytest.raises(ValueError, match="2 or more"):
+        nnx_cells.MultiscaleMDEQCell(2, (4,), num_groups=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_groups=2"):
+        nnx_cells.MultiscaleMDEQCell(2, (4, 3), num_groups=2, rngs=nnx.Rngs(0))
+
+
+def _multiscale_loss(solver, adjoint, max_steps):
+    """Loss of the cell's fixed point, through deq.fixed_point (the math NNX and Linen share)."""
+    def fn(z, args):
+        p, x = args
+        return F.multiscale_cell(p, z, x, 2)
+
+    def loss(args):
+        z0 = F.multiscale_inject(args[0], args[1], 2)
+        z = deq.fixed_point(fn, z0, args, solver=solver, adjoint=adjoint, max_steps=max_steps,
+                            batched=True).value
+        return sum(jnp.sum(jnp.sin(a) * (i + 1.0)) for i, a in enumerate(z))
+
+    return loss
+
+
+def _multiscale_args():
+    cell, _ = _multiscale(jnp.float64)
+    params = _switch_on(deq.cells.to_linen_params(cell))
+    # A strong input (x3) keeps this tiny cell well contractive: plain iteration converges to
+    # 1e-12 in ~130 steps, so a 200-step unrolled run is at the fixed point.
+    return params, 3.0 * randn((2, 5, 5, 2), 3, jnp.float64)
+
+
+def _multiscale_implicit_grad(args):
+    # Plain iteration both ways: it converges here (see _multiscale_args) and compiles faster.
+    loss = _multiscale_loss(
+        deq.FixedPointIteration(rtol=1e-12, atol=1e-12),
+        deq.ImplicitAdjoint(solver=deq.FixedPointIteration(rtol=1e-11, atol=1e-11),
+                            max_steps=300), 300)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))  # one compilation serves both checks
+    return (lambda a: value_and_grad(a)[0]), value_and_grad(args)[1]
+
+
+def test_multiscale_cell_gradients_match_finite_differences(x64):
+    from helpers_layers import check_directional_derivatives
+
+    args = _multiscale_args()
+    loss, g = _multiscale_implicit_grad(args)
+    check_directional_derivatives(loss, g, args, eps=1e-5, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_multiscale_cell_gradients_match_a_long_unrolled_run(x64):
+    args = _multiscale_args()
+    _, g = _multiscale_implicit_grad(args)
+    unrolled = _multiscale_loss(deq.FixedPointIteration(), deq.UnrolledAdjoint(), 200)
+    g_unrolled = jax.jit(jax.grad(unrolled))(args)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_unrolled),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("framework", ["nnx", pytest.param("linen", marks=pytest.mark.slow)])
+def test_multiscale_cell_in_the_layers(framework):
+    """The layers take a tuple state. Started here from z_init="inject" (NNX) or a callable
+    (Linen's init needs zeros first, and the layers' z_init="zeros" does not yet build zeros
+    from a tuple of shapes)."""
+    import deq.linen
+
+    nnx_cell, linen_cell = _multiscale()
+    x = randn((2, 6, 6, 2), 4)
+    if framework == "nnx":
+        layer = deq.nnx.DEQ(nnx_cell, z_init="inject")
+        z = nnx.jit(lambda m, x: m(x))(layer, x)
+        fz = nnx_cell(z, x)
+    else:
+        zeros = lambda x: tuple(jnp.zeros(s) for s in linen_cell.state_shape(x.shape))
+        layer = deq.linen.DEQ(cell=linen_cell, z_init=zeros)
+        variables = layer.init(jax.random.key(0), x)
+        z = layer.apply(variables, x)
+        z = z[0] if isinstance(z, tuple) and len(z) == 2 and isinstance(z[0], tuple) else z
+        fz = linen_cell.apply({"params": variables["params"]["cell"]}, z, x)
+    assert [a.shape for a in z] == [(2, 6, 6, 2), (2, 3, 3, 4)]
+    for a, b in zip(z, fz, strict=True):  # an equilibrium (default rtol 1e-4, float32 slack)
+        assert float(jnp.linalg.norm(a - b)) <= 1e-3 * float(jnp.linalg.norm(b))

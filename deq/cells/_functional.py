@@ -320,7 +320,162 @@ def mdeq_inject(p: Params, x: jax.Array) -> jax.Array:
     return conv(p["inject_conv"], x)
 
 
-def mdeq_cell(p: Params, z: jax.Array, x: jax.Array, num_groups: int) -> jax.Array:
+def residual_block(p: Params, z: jax.Array, injection, num_groups: int) -> jax.Array:
+    """``GN3(relu(z + GN2(conv2(relu(GN1(conv1(z))))) + injection))``: MDEQ's residual block."""
     h = jax.nn.relu(group_norm(p["norm1"], conv(p["conv1"], z), num_groups, 3))
     h = group_norm(p["norm2"], conv(p["conv2"], h), num_groups, 3)
-    return group_norm(p["norm3"], jax.nn.relu(z + h + mdeq_inject(p, x)), num_groups, 3)
+    return group_norm(p["norm3"], jax.nn.relu(z + h + injection), num_groups, 3)
+
+
+def mdeq_cell(p: Params, z: jax.Array, x: jax.Array, num_groups: int) -> jax.Array:
+    return residual_block(p, z, mdeq_inject(p, x), num_groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Multiscale MDEQ cell (Bai et al., 2020): a state at several resolutions, one residual block
+# per resolution, then every branch receives every other (strided convs down, 1x1 conv and
+# nearest upsampling up). Branch i has spatial size ceil(size / 2**i).
+
+
+def _grouped(inits: dict[str, Callable]) -> Callable:
+    """One ``init(key)`` for a group of named inits (the key split over the names, in order)."""
+    def init(key):
+        keys = jax.random.split(key, len(inits))
+        return {name: f(k) for (name, f), k in zip(inits.items(), keys, strict=True)}
+    return init
+
+
+def _block_inits(channels: int, hidden: int, conv_: Callable, dtype) -> dict[str, Callable]:
+    return {
+        "conv1": partial(conv_, in_channels=channels, out_channels=hidden, use_bias=False),
+        "norm1": lambda key: norm_init(hidden, dtype),
+        "conv2": partial(conv_, in_channels=hidden, out_channels=channels, use_bias=False),
+        "norm2": lambda key: norm_init(channels, dtype, scale=0.0),  # see mdeq_param_inits
+        "norm3": lambda key: norm_init(channels, dtype),
+    }
+
+
+def multiscale_param_inits(in_channels: int, channels: tuple[int, ...],
+                           hidden_channels: tuple[int, ...], *, kernel_size: int,
+                           weight_norm: bool, fuse_scale: float, dtype) -> dict[str, Callable]:
+    """``{name: init(key) -> params}`` of :func:`multiscale_cell`.
+
+    ``branch{i}``: the residual block of resolution ``i`` (``conv1, norm1, conv2, norm2,
+    norm3``); ``inject{i}``: the input injection into branch ``i`` (a conv of ``x`` average-
+    pooled to that branch's resolution); ``down{j}_{i}`` (``j < i``):
+    ``i - j`` stride-2 convs with their GroupNorms (``conv0, norm0, ...``) from branch ``j``
+    to branch ``i``; ``up{j}_{i}`` (``j > i``): a 1x1 conv and its GroupNorm from branch ``j``
+    to ``i``, followed by nearest upsampling; ``post{i}``: the GroupNorm after fusion. The
+    fusion GroupNorms start with gain ``fuse_scale`` (small: the cross-resolution terms start
+    weak, which keeps the untrained cell contractive).
+    """
+    conv_ = partial(conv_init, weight_norm=weight_norm, dtype=dtype)
+    conv_k = partial(conv_, kernel_size=kernel_size)
+    inits: dict[str, Callable] = {}
+    for i, (c, h) in enumerate(zip(channels, hidden_channels, strict=True)):
+        inits[f"branch{i}"] = _grouped(_block_inits(c, h, conv_k, dtype))
+    for i, c in enumerate(channels):
+        inits[f"inject{i}"] = partial(conv_k, in_channels=in_channels, out_channels=c,
+                                      use_bias=True)
+    n = len(channels)
+    for i in range(n):
+        for j in range(n):
+            if j < i:  # down: i - j stride-2 3x3 convs, channels c_j ... c_j, c_i
+                steps = {}
+                for s in range(i - j):
+                    out = channels[i] if s == i - j - 1 else channels[j]
+                    steps[f"conv{s}"] = partial(conv_, kernel_size=3, in_channels=channels[j],
+                                                out_channels=out, use_bias=False)
+                    sc = fuse_scale if s == i - j - 1 else 1.0
+                    steps[f"norm{s}"] = lambda key, out=out, sc=sc: norm_init(out, dtype, sc)
+                inits[f"down{j}_{i}"] = _grouped(steps)
+            elif j > i:  # up: 1x1 conv c_j -> c_i, GroupNorm, nearest upsampling
+                inits[f"up{j}_{i}"] = _grouped({
+                    "conv": partial(conv_, kernel_size=1, in_channels=channels[j],
+                                    out_channels=channels[i], use_bias=False),
+                    "norm": lambda key, c=channels[i]: norm_init(c, dtype, fuse_scale),
+                })
+    for i, c in enumerate(channels):
+        inits[f"post{i}"] = lambda key, c=c: norm_init(c, dtype)
+    return inits
+
+
+def multiscale_state_shapes(x_shape: tuple[int, ...], channels: tuple[int, ...]):
+    """Shapes of the branches for an input ``(..., height, width, in_channels)``."""
+    *lead, h, w, _ = x_shape
+    shapes = []
+    for c in channels:
+        shapes.append((*lead, h, w, c))
+        h, w = -(-h // 2), -(-w // 2)
+    return tuple(shapes)
+
+
+def conv_down(p: Params, x: jax.Array) -> jax.Array:
+    """Stride-2 convolution with padding ``(k - 1) // 2`` (output ``ceil(size / 2)``).
+
+    Written as the stride-1 SAME convolution sampled at every other position, which is the
+    same function: on CPU it keeps :func:`conv_same`'s fast gradient inside loops (XLA:CPU's
+    gradients of strided convolutions are slow there too) at 4x the multiply-adds of this
+    one convolution; elsewhere the strided convolution itself.
+    """
+    kernel = _weight_normed(p)
+    k = kernel.shape[0]
+    lead = x.shape[:-3]
+    x4 = x.reshape((-1, *x.shape[-3:]))
+
+    def strided(a, b):
+        pad = [((k - 1) // 2, (k - 1) // 2)] * 2
+        return jax.lax.conv_general_dilated(a, b, (2, 2), pad, dimension_numbers=_NHWC)
+
+    y = jax.lax.platform_dependent(
+        x4, kernel.astype(x.dtype), cpu=lambda a, b: conv2d_same(a, b)[:, ::2, ::2],
+        default=strided,
+    )
+    y = y.reshape((*lead, *y.shape[1:]))
+    return y + p["bias"] if "bias" in p else y
+
+
+def _upsample(x: jax.Array, factor: int, shape: tuple[int, int]) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, factor, axis=-3), factor, axis=-2)
+    return x[..., : shape[0], : shape[1], :]
+
+
+def _pool2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2, zero padding at the far edge (output ``ceil(size / 2)``)."""
+    window = (1,) * (x.ndim - 3) + (2, 2, 1)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "SAME") / 4.0
+
+
+def multiscale_inject(p: Params, x: jax.Array, num_branches: int) -> tuple:
+    """The input injection of every branch: ``conv_i(pool^i(x))``."""
+    out = []
+    for i in range(num_branches):
+        out.append(conv(p[f"inject{i}"], x))
+        if i + 1 < num_branches:
+            x = _pool2(x)
+    return tuple(out)
+
+
+def multiscale_cell(p: Params, z: tuple, x: jax.Array, num_groups: int) -> tuple:
+    n = len(z)
+    injection = multiscale_inject(p, x, n)
+    blocks = [residual_block(p[f"branch{i}"], z[i], injection[i], num_groups) for i in range(n)]
+    out = []
+    for i in range(n):
+        y = blocks[i]
+        for j in range(n):
+            if j < i:
+                d, q = blocks[j], p[f"down{j}_{i}"]
+                for s in range(i - j):
+                    d = group_norm(q[f"norm{s}"], conv_down(q[f"conv{s}"], d), num_groups, 3)
+                    if s < i - j - 1:
+                        d = jax.nn.relu(d)
+                y = y + d
+            elif j > i:
+                q = p[f"up{j}_{i}"]
+                u = group_norm(q["norm"], conv(q["conv"], blocks[j]), num_groups, 3)
+                y = y + _upsample(u, 2 ** (j - i), blocks[i].shape[-3:-1])
+        # No relu before this norm: b_i already went through one, and a second relu + norm
+        # made the untrained cell markedly less contractive (solves 25-40% longer).
+        out.append(group_norm(p[f"post{i}"], y, num_groups, 3))
+    return tuple(out)

@@ -122,6 +122,60 @@ class MDEQCell(nn.Module):
         return F.mdeq_cell(p, z, x, self.num_groups)
 
 
+class MultiscaleMDEQCell(nn.Module):
+    r"""Multiscale MDEQ cell (Bai et al., 2020): a tuple state at 2 or more resolutions.
+
+    See :class:`deq.cells.nnx.MultiscaleMDEQCell`; parameters have the same names and shapes.
+
+    Attributes:
+      channels: channels per branch, finest first, e.g. ``(16, 32)``.
+      hidden_channels: channels inside each branch's block (default ``channels``).
+      kernel_size: kernel of the blocks' convolutions and of the injection.
+      num_groups: GroupNorm groups; must divide every channel count.
+      weight_norm: weight-normalise the convolutions.
+      fuse_scale: initial gain of the fusion's GroupNorms.
+      param_dtype: dtype of the parameters.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> import deq.linen
+      >>> from deq.cells.linen import MultiscaleMDEQCell
+      >>> layer = deq.linen.DEQ(cell=MultiscaleMDEQCell((4, 8), num_groups=2), z_init="inject")
+      >>> x = jnp.ones((2, 7, 7, 1))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> [a.shape for a in layer.apply(variables, x)]
+      [(2, 7, 7, 4), (2, 4, 4, 8)]
+    """
+
+    channels: tuple[int, ...] = (16, 32)
+    hidden_channels: tuple[int, ...] | None = None
+    kernel_size: int = 3
+    num_groups: int = 4
+    weight_norm: bool = True
+    fuse_scale: float = 0.25
+    param_dtype: Any = jnp.float32
+
+    def state_shape(self, x_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """The tuple of the branches' shapes for an input of shape ``x_shape``."""
+        return F.multiscale_state_shapes(x_shape, tuple(self.channels))
+
+    def inject(self, x: jax.Array) -> tuple:
+        """The injection of every branch (needs initialised parameters)."""
+        return F.multiscale_inject(self.variables["params"], x, len(self.channels))
+
+    @nn.compact
+    def __call__(self, z: tuple, x: jax.Array) -> tuple:
+        from deq.cells.nnx import _multiscale_options
+
+        channels, hidden = _multiscale_options(self.channels, self.hidden_channels,
+                                               self.num_groups)
+        p = _create(self, F.multiscale_param_inits(
+            x.shape[-1], channels, hidden, kernel_size=self.kernel_size,
+            weight_norm=self.weight_norm, fuse_scale=self.fuse_scale, dtype=self.param_dtype))
+        return F.multiscale_cell(p, tuple(z), x, self.num_groups)
+
+
 # --------------------------------------------------------------------------------------------
 # Tools for a user's own cell: a drop-in Conv with the fast CPU gradient, and weight norm.
 
@@ -205,4 +259,4 @@ class WeightNorm(nn.Module):
         )(layer, x, *args, **kwargs)
 
 
-__all__ = ["Conv", "MDEQCell", "MLPCell", "WeightNorm"]
+__all__ = ["Conv", "MDEQCell", "MLPCell", "MultiscaleMDEQCell", "WeightNorm"]

@@ -144,6 +144,90 @@ class MDEQCell(_ParamCell):
         return F.mdeq_cell(self._params(), z, x, self.num_groups)
 
 
+def _multiscale_options(channels, hidden_channels, num_groups):
+    channels = tuple(channels)
+    if len(channels) < 2:
+        raise ValueError(f"MultiscaleMDEQCell: needs 2 or more resolutions, got {channels}.")
+    hidden = channels if hidden_channels is None else tuple(hidden_channels)
+    if len(hidden) != len(channels):
+        raise ValueError(
+            f"MultiscaleMDEQCell: hidden_channels={hidden} needs one entry per branch "
+            f"(channels={channels})."
+        )
+    for c in (*channels, *hidden):
+        F.check_groups(c, num_groups, "MultiscaleMDEQCell")
+    return channels, hidden
+
+
+class MultiscaleMDEQCell(_ParamCell):
+    r"""Multiscale MDEQ cell (Bai et al., 2020): a tuple state at 2 or more resolutions.
+
+    Branch ``i`` has ``channels[i]`` channels at spatial size ``ceil(size / 2**i)``. One call:
+
+    1. per branch, MDEQ's residual block
+       :math:`b_i = \mathrm{GN}_3(\mathrm{relu}(z_i + \mathrm{GN}_2(\mathrm{conv}_2(
+       \mathrm{relu}(\mathrm{GN}_1(\mathrm{conv}_1 z_i)))) + \mathrm{inj}_i))`, where the
+       input is injected into every branch, :math:`\mathrm{inj}_i = \mathrm{conv}_i(
+       \mathrm{pool}^i(x))` (2x2 average pooling; MDEQ injects into branch 0 only, but a
+       branch without injection is close to neutrally stable and its solves crawl);
+    2. fusion: :math:`z_i' = \mathrm{GN}(b_i + \sum_{j \ne i} T_{ij} b_j)`
+       with :math:`T_{ij}` for a finer branch ``j < i`` a chain of ``i - j`` stride-2 3x3
+       convs with GroupNorm (relu between), and for a coarser ``j > i`` a 1x1 conv with
+       GroupNorm then nearest upsampling by :math:`2^{j-i}`.
+
+    All convolutions are weight-normalised (``weight_norm``); the GroupNorms are per sample,
+    so samples stay independent in a batched solve. The residual branch's gain starts at zero
+    and the cross-resolution terms' gains at ``fuse_scale``, which keeps the untrained cell
+    contractive. Parameters: ``branch{i}``, ``inject{i}``, ``down{j}_{i}``, ``up{j}_{i}``,
+    ``post{i}`` (see :func:`deq.cells._functional.multiscale_param_inits`), the same as
+    :class:`deq.cells.linen.MultiscaleMDEQCell`. Use it with ``z_init="inject"`` (or a
+    callable): the state is a tuple.
+
+    Args:
+      in_channels: channels of ``x`` (which has the resolution of branch 0).
+      channels: channels per branch, finest first, e.g. ``(16, 32)``.
+      hidden_channels: channels inside each branch's block (default ``channels``).
+      kernel_size: kernel of the blocks' convolutions and of the injection.
+      num_groups: GroupNorm groups; must divide every channel count.
+      weight_norm: weight-normalise the convolutions.
+      fuse_scale: initial gain of the fusion's GroupNorms.
+      param_dtype: dtype of the parameters.
+      rngs: ``nnx.Rngs`` with a ``params`` (or default) stream.
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import deq.nnx
+      >>> from deq.cells.nnx import MultiscaleMDEQCell
+      >>> cell = MultiscaleMDEQCell(1, (4, 8), num_groups=2, rngs=nnx.Rngs(0))
+      >>> z = deq.nnx.DEQ(cell, z_init="inject")(jnp.ones((2, 7, 7, 1)))
+      >>> [a.shape for a in z]
+      [(2, 7, 7, 4), (2, 4, 4, 8)]
+    """
+
+    def __init__(self, in_channels: int, channels=(16, 32), *, hidden_channels=None,
+                 kernel_size: int = 3, num_groups: int = 4, weight_norm: bool = True,
+                 fuse_scale: float = 0.25, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        channels, hidden = _multiscale_options(channels, hidden_channels, num_groups)
+        self.channels = channels
+        self.num_groups = num_groups
+        self._create(F.multiscale_param_inits(in_channels, channels, hidden,
+                                              kernel_size=kernel_size, weight_norm=weight_norm,
+                                              fuse_scale=fuse_scale, dtype=param_dtype), rngs)
+
+    def state_shape(self, x_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """The tuple of the branches' shapes for an input of shape ``x_shape``."""
+        return F.multiscale_state_shapes(x_shape, self.channels)
+
+    def inject(self, x: jax.Array) -> tuple:
+        """The injection of every branch, a starting point (``z_init="inject"``)."""
+        return F.multiscale_inject(self._params(), x, len(self.channels))
+
+    def __call__(self, z: tuple, x: jax.Array) -> tuple:
+        return F.multiscale_cell(self._params(), tuple(z), x, self.num_groups)
+
+
 # --------------------------------------------------------------------------------------------
 # Tools for a user's own cell: a drop-in Conv with the fast CPU gradient, and weight norm.
 
@@ -252,4 +336,4 @@ class WeightNorm(nnx.Module):
         return nnx.merge(graphdef, state)(x, *args, **kwargs)
 
 
-__all__ = ["Conv", "MDEQCell", "MLPCell", "WeightNorm"]
+__all__ = ["Conv", "MDEQCell", "MLPCell", "MultiscaleMDEQCell", "WeightNorm"]
