@@ -176,10 +176,11 @@ def test_second_eager_call_does_not_retrace():
     assert _TracedCell.traces == after_first
     assert not np.allclose(z1, z2)
 
-    linen_layer = deq.linen.DEQ(cell=_TracedLinenCell(4, norm=True))
+    # Without the warning, init and training calls share one compilation too.
+    linen_layer = deq.linen.DEQ(cell=_TracedLinenCell(4, norm=True), warn_unconverged_after=None)
     params = linen_layer.init(jax.random.key(0), x)
-    linen_layer.apply(params, x)
     after_first = _TracedCell.traces
+    linen_layer.apply(params, x)
     linen_layer.apply(params, x + 1.0)
     assert _TracedCell.traces == after_first
 
@@ -199,20 +200,16 @@ def test_eval_settings_are_used_in_eval_mode():
     assert stats.abs_trace.shape == (40,)  # same shape: the jitted function does not retrace
 
     linen_layer = deq.linen.DEQ(cell=linen_cells.MLPCell(4, norm=True), max_steps=2,
-                                eval_max_steps=40)
-    params = jax.jit(linen_layer.init)(jax.random.key(0), x)
+                                eval_max_steps=40, warn_unconverged_after=None)
+    params = linen_layer.init(jax.random.key(0), x)  # compiles the training solve
 
-    @jax.jit
-    def steps(params, x):
-        out = []
-        for deterministic in (False, True):
-            _, state = linen_layer.apply(params, x, deterministic=deterministic,
-                                         mutable=["intermediates"])
-            out.append(state["intermediates"]["deq_stats"][0].num_steps)
-        return out
+    def steps(**call):
+        _, state = linen_layer.apply(params, x, mutable=["intermediates"], **call)
+        return int(state["intermediates"]["deq_stats"][0].num_steps)
 
-    train_steps, eval_steps = steps(params, x)
-    assert int(train_steps) == 2 and int(eval_steps) > 2
+    assert steps() == 2 and steps(deterministic=False) == 2
+    assert steps(deterministic=True) > 2
+    assert linen_layer.clone(deterministic=True).apply(params, x).shape == (2, 4)
 
 
 def test_warns_once_when_training_solves_keep_failing():
