@@ -99,7 +99,8 @@ class _Cell:
 
 
 def _trace_of(leaf):
-    return leaf._trace if isinstance(leaf, jax.core.Tracer) else None
+    # JAX's tracers keep their trace in ``_trace`` (no public accessor); None if concrete.
+    return getattr(leaf, "_trace", None) if isinstance(leaf, jax.core.Tracer) else None
 
 
 def _record(variable: nnx.Variable, value: Any) -> bool:
