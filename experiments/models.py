@@ -6,6 +6,8 @@ adjoint differ (``config.mode``), so the comparison isolates the gradient method
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,13 +15,14 @@ from flax import nnx
 
 import deq
 import deq.nnx
-from deq.cells.nnx import MDEQCell, MLPCell
+from deq.cells import _functional as cell_math
+from deq.cells.nnx import MDEQCell, MLPCell, MultiscaleMDEQCell
 
 SOLVERS = ("anderson", "broyden", "iteration")
 ADJOINTS = ("implicit", "phantom", "jfb")
 ADJOINT_SOLVERS = ("anderson", "iteration", "broyden", "gmres")
 MODES = ("deq", "unrolled")
-CELLS = ("mlp", "mdeq")
+CELLS = ("mlp", "mdeq", "mdeq_multiscale")
 HEADS = ("pool", "flatten")
 
 
@@ -59,6 +62,27 @@ def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False)
     return deq.ImplicitAdjoint(solver=solver, max_steps=a.max_steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class MultiscaleZeros:
+    """``z_init`` of the multiscale cell: zeros of every branch's shape (hashable, static).
+
+    The layers' ``z_init="zeros"`` builds one array from ``cell.state_shape``; the multiscale
+    cell's state is a tuple of arrays.
+    """
+
+    channels: tuple[int, ...]
+
+    def __call__(self, x: jax.Array) -> tuple:
+        return tuple(jnp.zeros(s, x.dtype)
+                     for s in cell_math.multiscale_state_shapes(x.shape, self.channels))
+
+
+def multiscale_channels(m: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``model.multiscale_channels`` (default: ``features`` then twice as many)."""
+    channels = m.get("multiscale_channels", None) or (m.features, 2 * m.features)
+    return tuple(int(c) for c in channels)
+
+
 class Classifier(nnx.Module):
     """stem -> DEQ(cell) -> pool -> linear head.
 
@@ -68,6 +92,10 @@ class Classifier(nnx.Module):
       strided conv, and the linear head on either the globally average-pooled features
       (``model.head='pool'``) or all of them flattened (``'flatten'``: keeps where a stroke is,
       which pooling throws away).
+    * ``cell='mdeq_multiscale'``: as ``'mdeq'`` with the multiscale MDEQ cell (a state at the
+      stem's resolution and at half of it, ``model.multiscale_channels``); the head sees the
+      full-resolution branch (normed, through the strided conv if any) concatenated with the
+      normed half-resolution branch.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, image_shape, num_classes: int, *,
@@ -75,6 +103,7 @@ class Classifier(nnx.Module):
         m = config.model
         solver, max_steps = make_solver(config.solver, mode=config.mode, evaluation=evaluation)
         self.kind = m.cell
+        z_init = m.z_init
         h, w, c = image_shape
         if m.cell == "mlp":
             self.stem = None
@@ -84,18 +113,33 @@ class Classifier(nnx.Module):
         else:
             self.stem = nnx.Conv(c, m.features, (3, 3), strides=m.stem_stride, rngs=rngs)
             self.stem_norm = nnx.GroupNorm(m.features, num_groups=m.num_groups, rngs=rngs)
-            cell = MDEQCell(m.features, m.features, hidden_channels=m.hidden or None,
-                            num_groups=m.num_groups, weight_norm=m.weight_norm, rngs=rngs)
-            self.out_norm = nnx.GroupNorm(m.features, num_groups=m.num_groups, rngs=rngs)
+            width = m.features  # channels of the (full-resolution) state the head sees
+            coarse_norm = None
+            if m.cell == "mdeq_multiscale":
+                channels = multiscale_channels(m)
+                hidden = (tuple(m.hidden * ch // channels[0] for ch in channels)
+                          if m.hidden else None)
+                cell = MultiscaleMDEQCell(m.features, channels, hidden_channels=hidden,
+                                          num_groups=m.num_groups, weight_norm=m.weight_norm,
+                                          rngs=rngs)
+                width = channels[0]
+                coarse_norm = nnx.GroupNorm(channels[1], num_groups=m.num_groups, rngs=rngs)
+                if m.z_init == "zeros":
+                    z_init = MultiscaleZeros(channels)
+            else:
+                cell = MDEQCell(m.features, m.features, hidden_channels=m.hidden or None,
+                                num_groups=m.num_groups, weight_norm=m.weight_norm, rngs=rngs)
+            self.coarse_norm = nnx.data(coarse_norm)
+            self.out_norm = nnx.GroupNorm(width, num_groups=m.num_groups, rngs=rngs)
             # An optional strided conv before pooling: cheap (it runs once, outside the
             # solve) and gives the linear head more than `features` pooled numbers.
             self.head_conv = (
-                nnx.Conv(m.features, m.head_channels, (3, 3), strides=2, rngs=rngs)
+                nnx.Conv(width, m.head_channels, (3, 3), strides=2, rngs=rngs)
                 if m.head_channels else None
             )
         self.deq = deq.nnx.DEQ(
             cell, solver=solver, adjoint=make_adjoint(config, evaluation=evaluation),
-            max_steps=max_steps, z_init=m.z_init,
+            max_steps=max_steps, z_init=z_init,
             precision=config.solver.precision or None,
             # The penalty's estimator is a per-sample mean: a sub-batch (reg.jac_batch) keeps
             # its second-order backward pass from dominating the step's memory.
@@ -103,8 +147,19 @@ class Classifier(nnx.Module):
             jac_reg_batch=config.reg.jac_batch or None,
             deterministic=evaluation, rngs=rngs,
         )
-        self.flatten = m.cell == "mdeq" and m.head == "flatten"
-        head_in = m.head_channels if (m.cell == "mdeq" and m.head_channels) else m.features
+        conv = m.cell != "mlp"
+        self.flatten = conv and m.head == "flatten"
+        head_in = m.head_channels if (conv and m.head_channels) else m.features
+        if m.cell == "mdeq_multiscale":
+            channels = multiscale_channels(m)
+            head_in = m.head_channels or channels[0]
+            if self.flatten and not m.head_channels:
+                raise ValueError(
+                    "model.head='flatten' with the multiscale cell needs model.head_channels "
+                    "(a strided conv that brings the full-resolution branch to the coarse one's "
+                    "size)."
+                )
+            head_in += channels[1]
         if self.flatten:
             # SAME-padded strided convs: ceil(size / stride) per spatial dimension.
             down = m.stem_stride * (2 if m.head_channels else 1)
@@ -117,9 +172,20 @@ class Classifier(nnx.Module):
             x = images.reshape(images.shape[0], -1)
             return self.head(self.deq(x, probe=probe, rngs=key))
         x = jax.nn.relu(self.stem_norm(self.stem(images)))
-        z = self.out_norm(self.deq(x, probe=probe, rngs=key))
+        z = self.deq(x, probe=probe, rngs=key)
+        coarse = None
+        if self.kind == "mdeq_multiscale":
+            z, coarse = z[0], self.coarse_norm(z[1])
+        z = self.out_norm(z)
         if self.head_conv is not None:
             z = jax.nn.relu(self.head_conv(z))
+        if coarse is not None:
+            if self.flatten:  # both at the coarse resolution: concatenate the channels
+                z = jnp.concatenate([z, coarse], axis=-1)
+            else:
+                z = jnp.concatenate([jnp.mean(z, axis=(1, 2)), jnp.mean(coarse, axis=(1, 2))],
+                                    axis=-1)
+                return self.head(z)
         if self.flatten:
             return self.head(z.reshape(z.shape[0], -1))
         return self.head(jnp.mean(z, axis=(1, 2)))

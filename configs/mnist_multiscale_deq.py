@@ -1,0 +1,17 @@
+"""Multiscale MDEQ cell on MNIST: the MNIST DEQ with a state at 14x14 and 7x7, fused.
+
+``--config.data.dir=/path/to/mnist``. Everything but the cell is ``configs/mnist_deq.py``:
+the stem brings the image to 14x14x16, the cell (deq.cells.nnx.MultiscaleMDEQCell) keeps a
+14x14x16 and a 7x7x32 branch, and the head flattens the full-resolution branch (through the
+strided 64-channel conv) concatenated with the 7x7 branch.
+"""
+
+from configs import mnist_deq
+
+
+def get_config():
+    config = mnist_deq.get_config()
+    config.name = "mnist_multiscale_deq"
+    config.model.cell = "mdeq_multiscale"
+    config.model.multiscale_channels = (16, 32)
+    return config
