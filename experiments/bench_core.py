@@ -64,6 +64,8 @@ QUICK = dict(DEFAULTS, batch=2, channels=4, size=8, repeats=2, unroll=(8, 16),
 LABELS = {"iteration": "FixedPointIteration", "damped": f"FixedPointIteration(damping={DAMPING})",
           "anderson": f"Anderson(history={HISTORY})", "broyden": "Broyden(memory=20)",
           "gmres": "GMRES"}
+HWIO_NOTE = (" (deq.cells.conv2d_same: the same gradient, written as plain convolutions and "
+             "per-offset matmuls, which XLA:CPU runs fast inside loops; for every library)")
 CONVS = {  # --conv-vjp: how the cell's convolutions are differentiated
     "jax": lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
@@ -405,12 +407,13 @@ def to_markdown(res: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in {"jax": pv["jax"], **res["versions"]}.items())
     lines = [
         "# deq core benchmark: conv DEQ cell", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; GPU {m['gpu']}; backend {m['backend']}; "
-        f"{versions}; {pv['date']}, commit {pv['git_commit'][:10]}"
+        f"Machine: {m['cpu']}, {m['cores']} cores; GPU {m['gpu'] or 'none'}; backend "
+        f"{m['backend']}; {versions}; {pv['date']}, commit {pv['git_commit'][:10]}"
         f"{' (uncommitted changes)' if pv['dirty'] else ''}.", "",
         f"Cell `z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`, batch {c['batch']}, "
         f"{c['channels']} channels, {c['size']}x{c['size']} images (NHWC), float32, matmul "
-        f"precision '{c['precision']}', conv VJP '{c['conv_vjp']}'. Recurrent kernel scale "
+        f"precision '{c['precision']}', conv VJP '{c['conv_vjp']}'"
+        f"{HWIO_NOTE if c['conv_vjp'] == 'hwio' else ''}. Recurrent kernel scale "
         f"{res['calibration']['scale']:.4f} (calibrated to {TARGET_STEPS} plain-iteration steps at "
         f"precision 'highest')."
         f" Relative tolerance {t['rtol']:g} per sample (deq); peers: absolute L2 tolerances "
