@@ -21,7 +21,8 @@ convs with :func:`deq.cells.conv2d_same` (same gradient, without XLA:CPU's slow 
 convolutions inside loops, for every library alike)::
 
     python -m experiments.bench_core --conv-vjp hwio       # CPU: batch 32, 16 channels, 28x28
-    python -m experiments.bench_core --batch 128 --channels 64 --precision default   # GPU
+    python -m experiments.bench_core --batch 128 --channels 64 --precision default   # GPU, and
+    python -m experiments.bench_core --batch 128 --channels 64 --precision highest   # the same
     python -m experiments.bench_core --quick --out /tmp/b  # tiny smoke run
 """
 
