@@ -301,6 +301,11 @@ class UnrolledAdjoint(Adjoint):
     linearly with the number of steps; ``checkpoint=True`` recomputes each step in the
     backward pass instead of storing its intermediates.
 
+    A sample whose iterate or ``f`` turns non-finite is frozen at its best finite iterate,
+    which is its returned value (differentiable like any other), and the stats say NONFINITE
+    for it; ``f`` is never evaluated at a non-finite point afterwards. The gradient can still
+    be NaN if ``f``'s derivative overflows at the step where its value does (e.g. ``exp``).
+
     Args:
       checkpoint: rematerialise each step (``jax.checkpoint``).
     """

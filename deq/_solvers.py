@@ -5,7 +5,8 @@ unbatched solve), so that per-sample quantities (Anderson mixing weights, Broyde
 residual norms) are computed for each sample independently. ``init`` builds the solver's
 state from the first evaluation, ``update`` proposes the next iterate from ``z`` and ``f(z)``.
 The loop that evaluates ``f``, tracks the best iterate and decides when to stop lives in
-``_fixed_point.py`` and is shared by all solvers.
+``_loop.py`` and is shared by all solvers; no solver mixes samples, so a non-finite sample
+cannot leak into the others.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ class ForwardSolver(abc.ABC):
     """Base class of the forward solvers; holds the common hyperparameters.
 
     A sample has converged when ``|f(z) - z| <= atol + rtol * |f(z)|`` (Euclidean norms over
-    the sample). The solve stops as soon as every sample has converged, when ``max_steps``
-    evaluations of ``f`` are spent, or when the worst sample's residual (relative to its
-    tolerance) has not improved by ``stall_factor`` within ``stall_patience`` steps.
+    the sample). A sample that produces inf/NaN is frozen at its best finite iterate. The
+    solve stops as soon as every sample has converged or been frozen so, when ``max_steps``
+    evaluations of ``f`` are spent, or when the worst running sample's residual (relative to
+    its tolerance) has not improved by ``stall_factor`` within ``stall_patience`` steps.
     """
 
     rtol: float = 1e-4
