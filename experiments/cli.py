@@ -173,22 +173,27 @@ def fail(prog: str, message: str, code: int = 2, *, hard: bool = False):
     sys.exit(code)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
+def _errors():
+    """(errors we raise with a complete message, other errors a user may still act on)."""
     from experiments.checkpoints import CheckpointError
     from experiments.train import NonFiniteError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, NonFiniteError)
+    return (ConfigError, FileNotFoundError, NotADirectoryError, CheckpointError,
+            NonFiniteError), (ValueError,)
 
 
 @contextlib.contextmanager
 def short_errors(prog: str):
-    """Turn the errors a user can act on into one short paragraph and exit status 1."""
+    """Turn the errors a user can act on into one short paragraph: exit status 2 for a bad
+    config, 1 for a failed run. ``DEQ_TRACEBACK=1`` re-raises them instead."""
+    ours, others = _errors()
     try:
         yield
-    except user_errors() as e:
+    except ours + others as e:
         if os.environ.get("DEQ_TRACEBACK"):
             raise
-        fail(prog, str(e), code=2 if isinstance(e, ConfigError) else 1, hard=True)
+        hint = "" if isinstance(e, ours) else " (set DEQ_TRACEBACK=1 to see where it was raised)"
+        fail(prog, f"{e}{hint}", code=2 if isinstance(e, ConfigError) else 1, hard=True)
 
 
 class _ConsoleFormatter(logging.Formatter):

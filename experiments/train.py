@@ -437,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     bs = config.train.batch_size
     if bs > len(train):
-        raise ValueError(
+        raise ConfigError(
             f"config.train.batch_size={bs} is larger than the training set ({len(train)})."
         )
     steps_per_epoch = data_lib.steps_per_epoch(train, bs)
@@ -446,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # Data parallelism: the batch is split over all devices, parameters are replicated.
     ndev = jax.device_count()
     if bs % ndev or config.train.eval_batch_size % ndev:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.batch_size={bs} and eval_batch_size={config.train.eval_batch_size} "
             f"must be divisible by the number of devices ({ndev})."
         )
