@@ -6,8 +6,6 @@ adjoint differ (``config.mode``), so the comparison isolates the gradient method
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +13,6 @@ from flax import nnx
 
 import deq
 import deq.nnx
-from deq.cells import _functional as cell_math
 from deq.cells.nnx import MDEQCell, MLPCell, MultiscaleMDEQCell
 
 SOLVERS = ("anderson", "broyden", "iteration")
@@ -62,21 +59,6 @@ def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False)
     return deq.ImplicitAdjoint(solver=solver, max_steps=a.max_steps)
 
 
-@dataclasses.dataclass(frozen=True)
-class MultiscaleZeros:
-    """``z_init`` of the multiscale cell: zeros of every branch's shape (hashable, static).
-
-    The layers' ``z_init="zeros"`` builds one array from ``cell.state_shape``; the multiscale
-    cell's state is a tuple of arrays.
-    """
-
-    channels: tuple[int, ...]
-
-    def __call__(self, x: jax.Array) -> tuple:
-        return tuple(jnp.zeros(s, x.dtype)
-                     for s in cell_math.multiscale_state_shapes(x.shape, self.channels))
-
-
 def multiscale_channels(m: ml_collections.ConfigDict) -> tuple[int, ...]:
     """``model.multiscale_channels`` (default: ``features`` then twice as many)."""
     channels = m.get("multiscale_channels", None) or (m.features, 2 * m.features)
@@ -103,7 +85,6 @@ class Classifier(nnx.Module):
         m = config.model
         solver, max_steps = make_solver(config.solver, mode=config.mode, evaluation=evaluation)
         self.kind = m.cell
-        z_init = m.z_init
         h, w, c = image_shape
         if m.cell == "mlp":
             self.stem = None
@@ -124,8 +105,6 @@ class Classifier(nnx.Module):
                                           rngs=rngs)
                 width = channels[0]
                 coarse_norm = nnx.GroupNorm(channels[1], num_groups=m.num_groups, rngs=rngs)
-                if m.z_init == "zeros":
-                    z_init = MultiscaleZeros(channels)
             else:
                 cell = MDEQCell(m.features, m.features, hidden_channels=m.hidden or None,
                                 num_groups=m.num_groups, weight_norm=m.weight_norm, rngs=rngs)
@@ -139,7 +118,7 @@ class Classifier(nnx.Module):
             )
         self.deq = deq.nnx.DEQ(
             cell, solver=solver, adjoint=make_adjoint(config, evaluation=evaluation),
-            max_steps=max_steps, z_init=z_init,
+            max_steps=max_steps, z_init=m.z_init,
             precision=config.solver.precision or None,
             # The penalty's estimator is a per-sample mean: a sub-batch (reg.jac_batch) keeps
             # its second-order backward pass from dominating the step's memory.

@@ -377,22 +377,23 @@ def test_multiscale_cell_gradients_match_a_long_unrolled_run(x64):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("framework", ["nnx", pytest.param("linen", marks=pytest.mark.slow)])
-def test_multiscale_cell_in_the_layers(framework):
-    """The layers take a tuple state. Started here from z_init="inject" (NNX) or a callable
-    (Linen's init needs zeros first, and the layers' z_init="zeros" does not yet build zeros
-    from a tuple of shapes)."""
+@pytest.mark.parametrize("framework,z_init", [
+    ("nnx", "inject"), pytest.param("nnx", "zeros", marks=pytest.mark.slow),
+    pytest.param("linen", "zeros", marks=pytest.mark.slow),
+    pytest.param("linen", "inject", marks=pytest.mark.slow),
+])
+def test_multiscale_cell_in_the_layers(framework, z_init):
+    """The layers take the tuple state (z_init="zeros" builds it from state_shape)."""
     import deq.linen
 
     nnx_cell, linen_cell = _multiscale()
     x = randn((2, 6, 6, 2), 4)
     if framework == "nnx":
-        layer = deq.nnx.DEQ(nnx_cell, z_init="inject")
+        layer = deq.nnx.DEQ(nnx_cell, z_init=z_init)
         z = nnx.jit(lambda m, x: m(x))(layer, x)
         fz = nnx_cell(z, x)
     else:
-        zeros = lambda x: tuple(jnp.zeros(s) for s in linen_cell.state_shape(x.shape))
-        layer = deq.linen.DEQ(cell=linen_cell, z_init=zeros)
+        layer = deq.linen.DEQ(cell=linen_cell, z_init=z_init)
         variables = layer.init(jax.random.key(0), x)
         z = layer.apply(variables, x)
         z = z[0] if isinstance(z, tuple) and len(z) == 2 and isinstance(z[0], tuple) else z

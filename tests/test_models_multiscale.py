@@ -1,0 +1,42 @@
+"""experiments.models: the multiscale MDEQ cell option (model.cell='mdeq_multiscale')."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from configs import mnist_multiscale_deq, mnist_multiscale_unrolled, smoke
+from experiments import models
+
+
+@pytest.mark.parametrize("head", ["pool", "flatten"])
+def test_multiscale_classifier_builds_and_runs(head):
+    config = smoke.get_config()
+    config.model.cell = "mdeq_multiscale"
+    config.model.features = 4
+    config.model.num_groups = 2
+    config.model.head = head
+    config.model.head_channels = 8 if head == "flatten" else 0
+    config.model.stem_stride = 2
+    model = models.Classifier(config, (8, 8, 1), 10, rngs=nnx.Rngs(0))
+    assert model.deq.cell.channels == (4, 8)  # default: features, then twice as many
+    logits = nnx.eval_shape(lambda m: m(jnp.zeros((2, 8, 8, 1))), model)
+    assert logits.shape == (2, 10)
+
+
+def test_multiscale_flatten_head_needs_head_channels():
+    config = smoke.get_config()
+    config.model.cell = "mdeq_multiscale"
+    config.model.features = 4
+    config.model.num_groups = 2
+    config.model.head = "flatten"
+    with pytest.raises(ValueError, match="head_channels"):
+        models.Classifier(config, (8, 8, 1), 10, rngs=nnx.Rngs(0))
+
+
+def test_multiscale_configs_differ_only_in_what_makes_the_baseline():
+    deq_cfg, unrolled = mnist_multiscale_deq.get_config(), mnist_multiscale_unrolled.get_config()
+    assert deq_cfg.model.to_dict() == unrolled.model.to_dict()
+    assert deq_cfg.model.cell == "mdeq_multiscale" and unrolled.mode == "unrolled"
+    assert unrolled.reg.jac_weight == 0.0 and deq_cfg.reg.jac_weight > 0
+    assert jax.tree_util.tree_leaves(deq_cfg.model.multiscale_channels) == [16, 32]
