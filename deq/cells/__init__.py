@@ -4,6 +4,9 @@
   ``z -> act(z W + x U + b)`` with optional LayerNorm and weight normalisation.
 * :class:`deq.cells.nnx.MDEQCell` / :class:`deq.cells.linen.MDEQCell`: the MDEQ convolutional
   residual cell with input injection, GroupNorm and weight-normalised convolutions.
+* :class:`deq.cells.nnx.MultiscaleMDEQCell` / :class:`deq.cells.linen.MultiscaleMDEQCell`:
+  multiscale MDEQ (a tuple state at 2 or more resolutions, fused by strided convs and
+  upsampling).
 
 Tools for a cell of your own (NNX and Linen, same parameter layouts):
 
