@@ -63,4 +63,7 @@ def load_linen_params(module: _nnx.Module, params: dict) -> None:
     _nnx.update(module, state)
 
 
-__all__ = ["conv2d_same", "conv_same", "fast_conv_general_dilated", "linen", "load_linen_params", "nnx", "to_linen_params"]
+__all__ = [
+    "conv2d_same", "conv_same", "fast_conv_general_dilated", "linen", "load_linen_params", "nnx",
+    "to_linen_params",
+]
