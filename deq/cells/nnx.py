@@ -256,6 +256,10 @@ class Conv(nnx.Conv):
     symmetric padding), no dilation, ``feature_group_count=1`` -- and raises ``ValueError``
     for anything else.
 
+    The gradient is a ``jax.custom_vjp``: reverse mode (``jax.grad``, ``nnx.grad``, the DEQ's
+    adjoint and Jacobian penalty) works everywhere; forward mode (``jax.jvp``, ``jacfwd``) does
+    not, as for the package's own cells.
+
     Example usage::
 
       >>> import jax.numpy as jnp
