@@ -1,6 +1,7 @@
 """DEQ layers (NNX and Linen) met as a user meets their faults: stateful cells, a state wider
 than x, transforms around the layer, eager calls, evaluation settings, solves that keep
-failing, and bad options. Tiny MLP cells keep each test to a few compilations."""
+failing, and bad options. A fault both layers can meet is one test over the two APIs (the
+adapters of helpers_layers); tiny MLP cells keep each test to a few compilations."""
 
 import warnings
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers_layers import randn
+from helpers_layers import APIS, LINEN, NNX, perturbed, randn
 
 import deq
 import deq.linen
@@ -19,14 +20,16 @@ from deq import _layer_common as common
 from deq.cells import linen as linen_cells
 from deq.cells.nnx import MLPCell
 
-_forward = nnx.jit(lambda m, x: m(x))
-
-
-def _layer(**options):
-    return deq.nnx.DEQ(MLPCell(3, 4, norm=True, rngs=nnx.Rngs(0)), **options)
-
-
 # ---- stateful cells -------------------------------------------------------------------------
+
+class _Wrap(nnx.Module):
+    def __init__(self, make, rngs):
+        self.lin = nnx.Linear(3, 3, rngs=rngs)
+        self.inner = make(rngs)
+
+    def __call__(self, z, x):
+        return self.inner(self.lin(z) + x)
+
 
 class _Counter(nnx.Variable):
     pass
@@ -56,15 +59,64 @@ class _CachingCell(nnx.Module):
         return out
 
 
-@pytest.mark.parametrize("make, what", [
-    (_CountingCell, "a _Counter variable that its call updates at 'calls'"),
-    (_CachingCell, "a Variable variable created by its call at 'last'"),
-], ids=["updates", "creates"])
-def test_nnx_cell_that_writes_its_own_variable_is_rejected_by_name(make, what):
-    layer = deq.nnx.DEQ(make(nnx.Rngs(0)))
+class _StatefulLinen(nn.Module):
+    make: str
+
+    @nn.compact
+    def __call__(self, z, x):
+        h = nn.Dense(3)(z) + x
+        if self.make == "batchnorm":
+            return nn.BatchNorm(use_running_average=False)(h)
+        if self.make == "dropout":
+            return nn.Dropout(0.1, deterministic=True)(h)
+        if self.make == "spectralnorm":
+            return nn.SpectralNorm(nn.Dense(3))(h, update_stats=False)
+        self.variable("cache", "last", lambda: h)
+        return jnp.tanh(h)
+
+
+def _wrap(make):
+    return lambda: _Wrap(make, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("api, make, name", [
+    pytest.param(NNX, _wrap(lambda r: nnx.BatchNorm(3, rngs=r)), "nnx.BatchNorm at 'inner'",
+                 id="nnx-batchnorm"),
+    pytest.param(NNX, _wrap(lambda r: nnx.Dropout(0.1, rngs=r)), "nnx.Dropout at 'inner'",
+                 id="nnx-dropout"),
+    pytest.param(NNX, _wrap(lambda r: nnx.Dropout(0.1, deterministic=True)),
+                 "nnx.Dropout at 'inner'", id="nnx-dropout-deterministic"),
+    pytest.param(NNX, _wrap(lambda r: nnx.SpectralNorm(nnx.Linear(3, 3, rngs=r), rngs=r)),
+                 "nnx.SpectralNorm at 'inner'", id="nnx-spectralnorm"),
+    pytest.param(NNX, lambda: _CountingCell(nnx.Rngs(0)),
+                 "a _Counter variable that its call updates at 'calls'", id="nnx-updates"),
+    pytest.param(NNX, lambda: _CachingCell(nnx.Rngs(0)),
+                 "a Variable variable created by its call at 'last'", id="nnx-creates"),
+    pytest.param(LINEN, lambda: _StatefulLinen("batchnorm"),
+                 "nn.BatchNorm at 'DEQ/cell/BatchNorm_0'", id="linen-batchnorm"),
+    pytest.param(LINEN, lambda: _StatefulLinen("dropout"),
+                 "nn.Dropout at 'DEQ/cell/Dropout_0'", id="linen-dropout"),
+    pytest.param(LINEN, lambda: _StatefulLinen("spectralnorm"),
+                 "nn.SpectralNorm at 'DEQ/cell/SpectralNorm_0'", id="linen-spectralnorm"),
+    pytest.param(LINEN, lambda: _StatefulLinen("variable"),
+                 "'cache' variable collection at 'cache: cell/last'", id="linen-creates"),
+])
+def test_stateful_cells_are_rejected_by_name(api, make, name):
+    # NNX finds stateful layers at construction and variable writes at the first call; Linen
+    # finds both at init.
     with pytest.raises(ValueError, match="cannot be used inside a fixed-point solve") as err:
+        api.start(api.layer(make()), jnp.ones((2, 3)))
+    message = str(err.value)
+    assert f"deq.{api.name}.DEQ" in message and name in message, message
+    # ... and says what to use instead.
+    assert any(s in message for s in ("GroupNorm", "outside the DEQ", "weight normalisation"))
+
+
+def test_nnx_cell_replaced_after_construction_is_checked_at_call():
+    layer, _, _ = NNX.mlp()
+    layer.cell = _Wrap(lambda r: nnx.BatchNorm(3, rngs=r), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="nnx.BatchNorm"):
         layer(jnp.ones((2, 3)))
-    assert "deq.nnx.DEQ" in str(err.value) and what in str(err.value)
 
 
 class _NoisyCell(nn.Module):
@@ -101,28 +153,26 @@ class _WideLinen(nn.Module):
         return jnp.tanh(nn.Dense(5)(z) + nn.Dense(5)(x))
 
 
-def _check_shape_message(err, name):
-    msg = str(err.value)
-    assert name in msg and "(2, 3)" in msg and "z_init" in msg and "state_shape" in msg, msg
-
-
-def test_state_wider_than_x_without_z_init_names_shapes_and_ways_out():
+@pytest.mark.parametrize("api, make, match", [
+    pytest.param(NNX, lambda: _WideNNX(nnx.Rngs(0)), "z0 of shape", id="nnx"),
+    pytest.param(LINEN, _WideLinen, "returned a state of shape \\(2, 5\\)", id="linen"),
+])
+def test_state_wider_than_x_without_z_init_names_shapes_and_ways_out(api, make, match):
     x = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match="z0 of shape") as err:
-        deq.nnx.DEQ(_WideNNX(nnx.Rngs(0)))(x)
-    _check_shape_message(err, "deq.nnx.DEQ")
-    with pytest.raises(ValueError, match="returned a state of shape \\(2, 5\\)") as err:
-        deq.linen.DEQ(cell=_WideLinen()).init(jax.random.key(0), x)
-    _check_shape_message(err, "deq.linen.DEQ")
+    with pytest.raises(ValueError, match=match) as err:
+        api.start(api.layer(make()), x)
+    msg = str(err.value)
+    assert f"deq.{api.name}.DEQ" in msg and "(2, 3)" in msg and "z_init" in msg, msg
+    assert "state_shape" in msg, msg
     # The first way out works.
-    z = deq.nnx.DEQ(_WideNNX(nnx.Rngs(0)), z_init=lambda x: jnp.zeros((x.shape[0], 5)))(x)
+    _, z = api.start(api.layer(make(), z_init=lambda x: jnp.zeros((x.shape[0], 5))), x)
     assert z.shape == (2, 5)
 
 
 # ---- transforms around the NNX layer --------------------------------------------------------
 
 def test_jax_grad_closed_over_the_model_inside_nnx_jit():
-    layer, x = _layer(), randn((2, 3), 1)
+    layer, x, _ = NNX.mlp()
 
     @nnx.jit
     def input_grad(model, x):
@@ -137,11 +187,10 @@ def test_jax_grad_closed_over_the_model_inside_nnx_jit():
 
 
 def test_nnx_vmap_with_the_layer_broadcast():
-    layer = _layer()
-    single = deq.nnx.DEQ(layer.cell, batched=False)
-    x = randn((2, 3), 1)
+    layer, x, _ = NNX.mlp()
+    single = NNX.clone(layer, batched=False)
     z = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(single, x)
-    np.testing.assert_allclose(z, _forward(layer, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z, NNX.forward(layer, x)[0], rtol=1e-4, atol=1e-5)
     # Per-sample stats cannot live in the broadcast layer: they are left as they were.
     assert int(single.stats.get_value().num_steps) == 0
 
@@ -163,63 +212,54 @@ class _TracedLinenCell(linen_cells.MLPCell):
         return super().__call__(z, x)
 
 
-def test_second_eager_call_does_not_retrace():
+@pytest.mark.parametrize("api, make", [
+    pytest.param(NNX, lambda: _TracedCell(3, 4, norm=True, rngs=nnx.Rngs(0)), id="nnx"),
+    pytest.param(LINEN, lambda: _TracedLinenCell(4, norm=True), id="linen"),
+])
+def test_eager_calls_after_the_first_do_not_retrace(api, make):
     x = randn((2, 3), 1)
-    layer = deq.nnx.DEQ(_TracedCell(3, 4, norm=True, rngs=nnx.Rngs(0)))
-    z1 = layer(x)
+    before = _TracedCell.traces
+    # Without the warning, Linen's init and its training calls share one compilation too.
+    h, z1 = api.start(api.layer(make(), warn_unconverged_after=None), x)  # NNX: call; Linen: init
     after_first = _TracedCell.traces
-    assert after_first > 0 and int(layer.stats.get_value().num_steps) > 1
-    z2 = layer(x + 1.0)
-    # Another layer of the same structure with other weights shares the compilation.
-    other = deq.nnx.DEQ(_TracedCell(3, 4, norm=True, rngs=nnx.Rngs(5)))
-    other(x)
+    assert after_first > before
+    _, stats = api.call(h, x)
+    assert int(stats.num_steps) > 1
+    z2, _ = api.call(h, x + 1.0)
+    # The same layer with other weights shares the compilation.
+    api.call(api.with_params(h, perturbed(api.params(h))), x)
     assert _TracedCell.traces == after_first
     assert not np.allclose(z1, z2)
-
-    # Without the warning, init and training calls share one compilation too.
-    linen_layer = deq.linen.DEQ(cell=_TracedLinenCell(4, norm=True), warn_unconverged_after=None)
-    params = linen_layer.init(jax.random.key(0), x)
-    after_first = _TracedCell.traces
-    linen_layer.apply(params, x)
-    linen_layer.apply(params, x + 1.0)
-    assert _TracedCell.traces == after_first
 
 
 # ---- evaluation-time settings and the unconverged warning -----------------------------------
 
-def test_eval_settings_are_used_in_eval_mode():
-    layer, x = _layer(max_steps=2, eval_max_steps=40), randn((2, 3), 1)
-    assert layer.stats.get_value().abs_trace.shape == (40,)
-    _forward(layer, x)
-    stats = layer.stats.get_value()
+@pytest.mark.parametrize("api", APIS)
+def test_eval_settings_are_used_in_eval_mode(api):
+    h, x, _ = api.mlp(max_steps=2, eval_max_steps=40, warn_unconverged_after=None)
+    _, stats = api.call(h, x)
     assert int(stats.num_steps) == 2 and not bool(stats.converged)
-    layer.eval()
-    _forward(layer, x)
-    stats = layer.stats.get_value()
-    assert int(stats.num_steps) > 2 and bool(stats.converged)
-    assert stats.abs_trace.shape == (40,)  # same shape: the jitted function does not retrace
+    assert stats.abs_trace.shape == (40,)
+    z, stats = api.call(api.evaluating(h), x)  # NNX: model.eval(); Linen: deterministic=True
+    assert int(stats.num_steps) > 2 and bool(stats.converged) and z.shape == (2, 4)
+    assert stats.abs_trace.shape == (40,)  # same shape: a jitted function does not retrace
 
-    linen_layer = deq.linen.DEQ(cell=linen_cells.MLPCell(4, norm=True), max_steps=2,
-                                eval_max_steps=40, warn_unconverged_after=None)
-    params = linen_layer.init(jax.random.key(0), x)  # compiles the training solve
 
-    def steps(**call):
-        _, state = linen_layer.apply(params, x, mutable=["intermediates"], **call)
-        return int(state["intermediates"]["deq_stats"][0].num_steps)
-
-    assert steps() == 2 and steps(deterministic=False) == 2
+def test_linen_deterministic_may_be_passed_to_the_call():
+    h, x, _ = LINEN.mlp(max_steps=2, eval_max_steps=40, warn_unconverged_after=None)
+    steps = lambda **call: int(LINEN.call(h, x, **call)[1].num_steps)
+    assert steps(deterministic=False) == 2
     assert steps(deterministic=True) > 2
-    assert linen_layer.clone(deterministic=True).apply(params, x).shape == (2, 4)
 
 
 def test_warns_once_when_training_solves_keep_failing():
     common._unconverged_counts.clear()
-    layer = _layer(solver=deq.FixedPointIteration(), max_steps=2, warn_unconverged_after=3)
-    x = randn((2, 3), 1)
+    layer, x, _ = NNX.mlp(solver=deq.FixedPointIteration(), max_steps=2,
+                          warn_unconverged_after=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(6):
-            _forward(layer, x)
+            NNX.forward(layer, x)
         jax.effects_barrier()
     found = [w for w in caught if issubclass(w.category, deq.nnx.UnconvergedWarning)]
     assert len(found) == 1, [str(w.message) for w in caught]
@@ -227,20 +267,18 @@ def test_warns_once_when_training_solves_keep_failing():
     assert "3 training solves" in message and "max_steps" in message and "Jacobian" in message
     # Evaluation calls are not counted (only training solves are watched).
     common._unconverged_counts.clear()
-    layer.eval()
+    layer = NNX.evaluating(layer)
     for _ in range(4):
-        _forward(layer, x)
+        NNX.forward(layer, x)
     jax.effects_barrier()
     assert not common._unconverged_counts
 
 
 # ---- options --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [
-    lambda **o: deq.nnx.DEQ(MLPCell(3, 4, rngs=nnx.Rngs(0)), **o),
-    lambda **o: deq.linen.DEQ(cell=linen_cells.MLPCell(4), **o),
-], ids=["nnx", "linen"])
-def test_int_options_take_numpy_ints_and_reject_floats_and_bools(make):
+@pytest.mark.parametrize("api", APIS)
+def test_int_options_take_numpy_ints_and_reject_floats_and_bools(api):
+    make = api.layer
     layer = make(max_steps=np.int64(5), eval_max_steps=np.int32(7), jac_reg_samples=np.int8(0))
     assert common.trace_length(layer) == 7
     for field, value in [("max_steps", 5.0), ("max_steps", True), ("eval_max_steps", 2.5),
