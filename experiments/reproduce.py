@@ -175,6 +175,15 @@ def _pct(ms: dict) -> str:
     return f"{100 * ms['mean']:.2f}% +- {100 * ms['std']:.2f}"
 
 
+def write_seed_tables(out: Path, runs: dict[str, list[Path]], machine_str: str) -> str:
+    """``seeds.json`` and ``seeds.md`` in ``out`` from finished runs; returns the markdown."""
+    table = seeds_table(runs)
+    (out / "seeds.json").write_text(json.dumps(table, indent=1))
+    md = seeds_markdown(table, machine_str)
+    (out / "seeds.md").write_text(md + "\n")
+    return md
+
+
 def seeds_markdown(table: dict, machine_str: str) -> str:
     agg = table["aggregate"]
     lines = [
@@ -408,35 +417,114 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def readme_block(results: Path = RESULTS) -> str:
-    """The README's results summary, generated from the result files."""
-    parts = []
-    for name, title in (("digits", "Embedded digits"), ("mnist", "MNIST")):
-        seeds = results / name / "seeds.json"
-        if not seeds.exists():
-            continue
-        table = json.loads(seeds.read_text())
-        prov = json.loads((results / name / "provenance.json").read_text())
-        agg = table["aggregate"]
-        d = agg["paired_difference"]
-        parts.append(
-            f"- **{title}** ({agg['deq']['test_accuracy']['n']} seeds, "
-            f"{machine_name(prov['machine'])}, commit {prov['git_commit'][:10]}): DEQ "
-            f"{_pct(agg['deq']['test_accuracy'])}, unrolled "
-            f"{_pct(agg['unrolled']['test_accuracy'])}; paired difference "
-            f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points; train-step memory "
-            f"{agg['memory_ratio']:.2f}x of the unrolled network's. "
-            f"[tables and plots](experiments/results/{name}/)"
+def _prov_line(prov: dict | None, stale: str | None, rerun: str) -> str:
+    if prov is None:
+        return f"from an earlier version of the code, without provenance: rerun `{rerun}`"
+    where = (f"{machine_name(prov['machine'])}, jax {prov.get('jax')}, commit "
+             f"{prov['git_commit'][:10]}")
+    return f"{where}; stale, {stale}: rerun `{prov['command']}`" if stale else where
+
+
+def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]:
+    seeds = results / name / "seeds.json"
+    if not seeds.exists():
+        return []
+    table = json.loads(seeds.read_text())
+    prov_path = results / name / "provenance.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.exists() else None
+    agg, d = table["aggregate"], table["aggregate"]["paired_difference"]
+    where = _prov_line(prov, stale.get(name), f"python -m experiments.reproduce {name}")
+    lines = [
+        f"- **{title}**, {agg['deq']['test_accuracy']['n']} seeds each "
+        f"([tables and plots](experiments/results/{name}/); {where}):"
+        f" test accuracy DEQ {_pct(agg['deq']['test_accuracy'])}, unrolled "
+        f"{_pct(agg['unrolled']['test_accuracy'])}; paired difference DEQ - unrolled "
+        f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points; train-step memory "
+        f"{agg['memory_ratio']:.2f}x of the unrolled network's; train step "
+        f"{1e3 * agg['deq']['median_step_time']['mean']:.1f} ms vs "
+        f"{1e3 * agg['unrolled']['median_step_time']['mean']:.1f} ms."
+    ]
+    curves = results / name / "compute_accuracy.json"
+    if curves.exists():
+        c = json.loads(curves.read_text())
+        acc = {m: {k: 100 * np.mean([seed[i]["accuracy"] for seed in c[m]])
+                   for i, k in enumerate(STEPS_GRID)} for m in c}
+        lines.append(
+            "  Test-time compute (mean over seeds, accuracy at 4 / 12 / 50 forward steps): DEQ "
+            + " / ".join(f"{acc['deq'][k]:.1f}%" for k in (4, 12, 50)) + ", unrolled "
+            + " / ".join(f"{acc['unrolled'][k]:.1f}%" for k in (4, 12, 50)) + "."
         )
-        solvers = results / name / "solvers.json"
-        if solvers.exists():
-            sv = json.loads(solvers.read_text())
-            ratio = {k: np.mean([s[k]["vs_iteration"] for s in sv]) for k in sv[0]}
-            parts.append(
-                f"  Forward solvers on the trained cell (steps to rel. residual "
-                f"{SOLVER_RTOL:g}, relative to plain iteration): Anderson "
-                f"{ratio['Anderson']:.2f}x, Broyden {ratio['Broyden']:.2f}x."
-            )
+    solvers = results / name / "solvers.json"
+    if solvers.exists():
+        sv = json.loads(solvers.read_text())
+        ratio = {k: np.mean([s[k]["vs_iteration"] for s in sv]) for k in sv[0]}
+        mean = {k: np.mean([s[k]["mean_steps"] for s in sv]) for k in sv[0]}
+        lines.append(
+            f"  Forward solvers on the trained cell (steps to a relative residual of "
+            f"{SOLVER_RTOL:g}): plain iteration {mean['FixedPointIteration']:.1f}, Anderson "
+            f"{mean['Anderson']:.1f} ({ratio['Anderson']:.2f}x), Broyden {mean['Broyden']:.1f} "
+            f"({ratio['Broyden']:.2f}x)."
+        )
+    return lines
+
+
+def _bench_core_lines(results: Path, stale: dict) -> list[str]:
+    lines = []
+    for path in sorted((results / "bench_core").glob("bench_core_*.json")):
+        res = json.loads(path.read_text())
+        if "provenance" not in res:
+            continue
+        c = res["config"]
+        steps = [r for r in res["steps"] if r.get("time_ms") is not None]
+        implicit = [r for r in steps if r["group"] == "deq" and r.get("implicit")]
+        best = min(implicit, key=lambda r: r["time_ms"])
+        peers = {g: min((r["time_ms"] for r in steps if r["group"] == g), default=None)
+                 for g in ("optimistix", "jaxopt")}
+        vs = ", ".join(f"{t / best['time_ms']:.1f}x faster than {g}"
+                       for g, t in peers.items() if t)
+        flat = res["flatness"]
+        growth = max(abs(r["growth"]) for r in flat["implicit"])
+        fw = {r["key"]: r["ratio_vs_iteration"] for r in res["forward"]}
+        lines.append(
+            f"- **Core benchmark**, conv cell, batch {c['batch']}, {c['channels']} channels, "
+            f"precision {c['precision']} ([{path.stem}](experiments/results/bench_core/"
+            f"{path.name.replace('.json', '.md')}); "
+            f"{_prov_line(res['provenance'], stale.get('bench_core'), '')}): fastest implicit step "
+            f"{best['time_ms']:.0f} ms ({best['name'].removeprefix('deq implicit: ')}), {vs}; "
+            f"its memory changes by {100 * growth:.1f}% from 10 to 100 forward steps, unrolled "
+            f"backprop adds {flat['unrolled_slope_bytes_per_step'] / 2**20:.1f} MiB per step; "
+            f"Anderson needs {fw['anderson']:.2f}x and Broyden {fw['broyden']:.2f}x the steps of "
+            f"plain iteration on this random-kernel cell."
+        )
+    return lines
+
+
+def _bench_eager_lines(results: Path, stale: dict) -> list[str]:
+    path = results / "bench_eager" / "results.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    later = {(r["framework"], r["mode"]): r["later_s"] for r in res["rows"]}
+    ratio = {fw: later[(fw, "eager")] / next(v for (f, m), v in later.items()
+                                            if f == fw and m != "eager")
+             for fw in ("nnx", "linen")}
+    return [
+        f"- **Eager calls** ([table](experiments/results/bench_eager/results.md); "
+        f"{_prov_line(res['provenance'], stale.get('bench_eager'), '')}): after the first call, an "
+        f"un-jitted DEQ model call takes {ratio['nnx']:.2f}x (NNX) and {ratio['linen']:.2f}x "
+        f"(Linen) the time of the jitted call."
+    ]
+
+
+def readme_block(results: Path = RESULTS) -> str:
+    """The README's results summary, generated from the result files (never hand-copied)."""
+    stale = stale_sets(results)
+    parts = [
+        *_seeds_lines("digits", "Embedded digits", results, stale),
+        *_seeds_lines("mnist", "MNIST", results, stale),
+        *_bench_core_lines(results, stale),
+        *_bench_eager_lines(results, stale),
+    ]
     return "\n".join([BEGIN, *parts, END])
 
 
@@ -468,11 +556,7 @@ def run_set(name: str, seeds: int, workdir: Path, overrides: list[str], command:
         runs["deq"].append(_train(deq_cfg, seed, workdir / name, overrides))
         runs["unrolled"].append(_train(unrolled_cfg, seed, workdir / name, overrides))
     machine_str = machine_name(prov["machine"])
-    table = seeds_table(runs)
-    (out / "seeds.json").write_text(json.dumps(table, indent=1))
-    md = seeds_markdown(table, machine_str)
-    (out / "seeds.md").write_text(md + "\n")
-    print(md, flush=True)
+    print(write_seed_tables(out, runs, machine_str), flush=True)
     print("== compute-accuracy curves", flush=True)
     compute_accuracy(runs, out, machine_str)
     print("== forward solvers on the trained cells", flush=True)
