@@ -181,7 +181,8 @@ def markdown(rows, meta) -> str:
     lines = [
         "# A user's own conv cell in a DEQ (experiments/bench_own_cell.py)",
         "",
-        f"Machine: {meta['machine']}. Data: {meta['data']}. Width {meta['width']}, batch "
+        f"Machine: {meta['machine']}; commit {meta.get('commit')}. Data: {meta['data']}. "
+        f"Width {meta['width']}, batch "
         f"{meta['batch']}, {meta['steps']} Adam steps (lr {meta['lr']}), Anderson rtol {RTOL}, "
         f"max_steps {meta['max_steps']}, implicit adjoint; Jacobian penalty (1 probe, 32 "
         "samples) wherever the recipe is used. Step time: median after compilation. "
@@ -206,6 +207,17 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
@@ -226,6 +238,7 @@ def main(argv=None):
     data_name, train, test = load_data(args.data_dir, max(4096, args.batch * args.steps),
                                        args.eval_images)
     meta = {"machine": machine_description(), "data": data_name, "jax": jax.__version__,
+            "commit": _commit(),
             **{k: v for k, v in vars(args).items() if k != "out"}}
     rows = []
     for name in args.variants.split(","):
