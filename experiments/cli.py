@@ -28,17 +28,60 @@ OVERRIDE_HELP = (
 
 
 class ConfigError(ValueError):
-    """A bad command line: missing config file, unknown field, unparsable value."""
+    """A bad command line or config: missing config file, unknown field, bad value."""
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+
+
+# ------------------------------------------------------------------------------------------
+# Dotted field names: ``"solver.max_steps"``
+
+
+def get_field(config, name: str):
+    """The value of the dotted field ``name`` (``"solver.max_steps"``) of ``config``."""
+    node = config
+    for part in name.split("."):
+        node = node[part]
+    return node
+
+
+def set_fields(config, fields: dict) -> None:
+    """Set each dotted field of ``fields`` (``{"solver.max_steps": 5}``) in ``config``."""
+    for name, value in fields.items():
+        parent, _, leaf = name.rpartition(".")
+        node = get_field(config, parent) if parent else config
+        node[leaf] = value
 
 
 # ------------------------------------------------------------------------------------------
 # Config files and overrides
 
 
-def _check_config_file(path: str) -> None:
+def _config_file(path: str) -> str:
     file = path if os.path.exists(path) else path.split(":", 1)[0]  # 'file.py:param' form
     if not os.path.isfile(file):
         raise ConfigError(f"config file {path} does not exist.")
+    return file
+
+
+@contextlib.contextmanager
+def config_imports(path: str):
+    """While loading the config file ``path``, its folder's parent is first on ``sys.path``,
+    so that ``from configs import default`` in ``configs/x.py`` finds the sibling file (as it
+    does when run from the repository root), whatever the current directory and whether or
+    not a ``configs`` package is installed."""
+    try:
+        root = str(Path(_config_file(path)).resolve().parents[1])
+    except ConfigError:
+        yield  # reported by the loader
+        return
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(root)
 
 
 def _base_config(path: str):
@@ -46,12 +89,13 @@ def _base_config(path: str):
     from absl import flags
     from ml_collections import config_flags
 
-    _check_config_file(path)
+    _config_file(path)
     fv = flags.FlagValues()
     argv = ["prog", f"--config={path}"]
     config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
     try:
-        fv(argv)
+        with config_imports(path):
+            fv(argv)
     except Exception as e:  # a syntax or runtime error inside the config file
         cause = e.__cause__ or e
         raise ConfigError(f"cannot load config file {path}: {type(cause).__name__}: "
@@ -107,7 +151,8 @@ def load_config(path: str, overrides=()):
     argv = ["prog", f"--config={path}", *args]
     config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
     try:
-        fv(argv)
+        with config_imports(path):
+            fv(argv)
     except flags.Error as e:
         raise ConfigError(str(e)) from None
     return fv.config
@@ -119,10 +164,8 @@ def load_config(path: str, overrides=()):
 
 def _default_comments() -> dict[str, str]:
     """The end-of-line comments of ``configs/default.py``, by field."""
-    import configs.default
-
     comments = {}
-    for line in Path(configs.default.__file__).read_text().splitlines():
+    for line in DEFAULT_CONFIG.read_text().splitlines():
         m = re.match(r"\s*config\.([\w.]+)\s*=.*?#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2)
@@ -131,10 +174,8 @@ def _default_comments() -> dict[str, str]:
 
 def fields_help(path: str | None) -> str:
     """Every field of the config at ``path`` (default: configs/default.py) with its value."""
-    import configs.default
-
     try:
-        config = _base_config(path) if path else configs.default.get_config()
+        config = _base_config(path or str(DEFAULT_CONFIG))
     except ConfigError as e:
         return f"(cannot list the config fields: {e})"
     comments = _default_comments()

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from experiments import cli
-from experiments.cli import load_config  # noqa: F401 - the public name it always had
+from experiments.cli import load_config  # noqa: F401 - re-exported: compare.load_config
 from experiments.train import read_metrics
 
 PROG = "deq-compare"

@@ -53,7 +53,8 @@ def parse_flags(argv):
         if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
             raise cli.ConfigError("--workdir DIR is required; see --help.")
         cli.check_override_fields(cli._base_config(path), cli.override_fields(argv), path)
-        rest = FLAGS(argv)
+        with cli.config_imports(path):
+            rest = FLAGS(argv)
     except cli.ConfigError as e:
         cli.fail(PROG, str(e))
     except flags.Error as e:
@@ -78,11 +79,6 @@ def main(argv):
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epochs; summary in {FLAGS.workdir}/summary.json")
     print(convergence_report(summary))
-
-
-def quiet_third_party_logs():
-    """Kept for callers of the old name: see ``experiments.cli.quiet_third_party_logs``."""
-    cli.quiet_third_party_logs()
 
 
 def run():

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare, train
+from experiments import compare, configuration, train
+from experiments.cli import config_fields, get_field, set_fields
 from experiments.compare import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +40,7 @@ def smoke_runs(tmp_path_factory, tfds_dir):
 def smoke_config(tfds_dir, **overrides):
     config = load_config(str(ROOT / "configs" / "smoke.py"))
     config.data.tfds_dir = tfds_dir
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    set_fields(config, overrides)
     return config
 
 
@@ -170,19 +166,23 @@ def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir, smoke
 
 def test_run_stored_before_a_field_was_added_still_resumes(tmp_path):
     config = load_config(str(ROOT / "configs" / "smoke.py"))
-    stored = train._flatten_config(config.to_dict())
-    del stored["model.head"]  # a config.json written before model.head existed
+    stored = config_fields(config.to_dict())
+    del stored["model.head"]  # as in experiments/results/mnist_pool_head/*/config.json
     (tmp_path / "config.json").write_text(json.dumps(stored))
-    train._check_stored_config(config, tmp_path)  # the default reproduces the old run
+    configuration.check_stored_config(config, tmp_path)  # 'pool' is what those runs computed
     config.model.head = "flatten"
     with pytest.raises(ValueError, match="model.head: 'pool' -> 'flatten'"):
-        train._check_stored_config(config, tmp_path)
+        configuration.check_stored_config(config, tmp_path)
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("solver.name", "newton", "config.solver.name='newton' is not one of"),
-    ("solver.max_steps", 0, "config.solver.max_steps=0 must be a number > 0"),
-    ("solver.damping", 1.5, "config.solver.damping=1.5 must be in"),
+    ("solver.max_steps", 0, "config.solver.max_steps=0: deq.nnx.DEQ: max_steps must be >= 1"),
+    ("solver.history", 0, "config.solver.history=0: Anderson: history must be >= 1"),
+    ("solver.rtol", -1.0, "config.solver.rtol=-1.0: Anderson: rtol must be"),
+    ("adjoint.max_steps", 0, "config.adjoint.max_steps=0: ImplicitAdjoint: max_steps must be"),
+    ("reg.jac_batch", -1, "config.reg.jac_batch=-1: deq.nnx.DEQ: jac_reg_batch must be"),
+    ("train.batch_size", 0, "config.train.batch_size=0 must be an integer >= 1"),
     ("adjoint.solver", "lu", "config.adjoint.solver='lu'"),
     ("model.cell", "resnet", "config.model.cell='resnet'"),
     ("model.head", "max", "config.model.head='max'"),
@@ -476,3 +476,45 @@ def test_compare_on_a_path_that_does_not_exist_says_so(tmp_path):
     _short_error(proc, 1, f"run directory {tmp_path / 'nonexistent'} does not exist",
                  max_lines=1)
     assert not (tmp_path / "out").exists()
+
+
+_WITHOUT_INSTALLED_CONFIGS = """
+import importlib.abc, importlib.machinery, os, sys
+
+class SysPathOnly(importlib.abc.MetaPathFinder):
+    # 'configs' as if it were not installed: found only in a folder on sys.path.
+    def find_spec(self, name, path=None, target=None):
+        if name != "configs":
+            return None
+        dirs = [p for p in sys.path if p and os.path.isdir(p)]
+        spec = importlib.machinery.PathFinder.find_spec(name, dirs)
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'configs'", name=name)
+        return spec
+
+sys.meta_path.insert(0, SysPathOnly())
+try:
+    import configs  # noqa: F401
+    sys.exit("configs is importable before loading: the test proves nothing")
+except ModuleNotFoundError:
+    pass
+from experiments.cli import load_config
+config = load_config(sys.argv[1], ["train.num_epochs=1"])
+print(config.name, config.mode, config.train.num_epochs)
+"""
+
+
+def test_config_files_load_without_an_installed_configs_package(tmp_path):
+    # configs/mnist_unrolled.py imports configs.mnist_deq, which imports configs.default.
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_INSTALLED_CONFIGS,
+                          str(ROOT / "configs" / "mnist_unrolled.py")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["mnist_unrolled", "unrolled", "1"]
+
+
+def test_dotted_field_helpers():
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    set_fields(config, {"solver.max_steps": 3, "name": "x"})
+    assert get_field(config, "solver.max_steps") == 3 and config.name == "x"
+    assert config_fields(config)["solver.max_steps"] == 3

@@ -1,0 +1,288 @@
+"""What a run writes and prints: ``metrics.jsonl``, per-epoch sums, the console lines,
+``run_info.json`` and ``summary.json``, and the non-finite-step policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments.steps import BAD_VALUES, METRICS
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient (``train.on_nonfinite='stop'``)."""
+
+
+# ------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def _parse_metrics(path: Path) -> list[dict]:
+    """The records of ``path``; lines that do not parse (a crash mid-write leaves a truncated
+    last line) are dropped with a warning naming them."""
+    records, bad = [], []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad.append(i)
+    if bad:
+        where = ("its truncated last line" if bad == [len(lines)]
+                 else f"unreadable line(s) {', '.join(map(str, bad))}")
+        logger.warning("%s: dropped %s (written by an interrupted run).", path, where)
+    return records
+
+
+def read_metrics(workdir) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return _parse_metrics(path) if path.exists() else []
+
+
+class MetricsWriter:
+    """JSON lines in ``workdir/metrics.jsonl``; on resume, drops lines past the checkpoint
+    and lines that do not parse (a truncated last line from a crash mid-write)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [r for r in _parse_metrics(path) if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self._f = open(path, "a")  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Sums of training metrics on the host
+
+
+class Sums:
+    """Host sums of the device accumulators (``steps.new_metrics``) of some intervals."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.sums: dict[str, float] = dict(state.get("sums", {}))
+        self.maxima: dict[str, float] = dict(state.get("maxima", {}))
+        self.counts: dict[str, int] = {"steps": 0, "skipped": 0, "fwd_unconverged": 0,
+                                       "bwd_unconverged": 0, **state.get("counts", {})}
+
+    def add(self, acc: dict, seconds: float) -> None:
+        """Add an accumulator brought to the host, and the wall time of its interval."""
+        for k in self.counts:
+            self.counts[k] += int(acc[k])
+        for k in METRICS:
+            self.sums[k] = self.sums.get(k, 0.0) + float(acc["sums"][k])
+        self.sums["step_time"] = self.sums.get("step_time", 0.0) + seconds
+        for k in ("fwd_steps", "bwd_steps"):
+            self.maxima[k] = max(self.maxima.get(k, 0.0), float(acc[f"{k}_max"]))
+
+    def means(self, prefix: str = "") -> dict:
+        """Means over the finite steps; ``step_time`` over all steps."""
+        n, steps = self.counts["steps"] - self.counts["skipped"], self.counts["steps"]
+        out = {f"{prefix}{k}": v / n for k, v in self.sums.items() if k != "step_time" and n}
+        if steps and "step_time" in self.sums:
+            out[f"{prefix}step_time"] = self.sums["step_time"] / steps
+        return out
+
+
+class EpochStats(Sums):
+    """One epoch's sums. Saved with every checkpoint (``progress``), so an epoch resumed
+    mid-way averages over all of its steps."""
+
+    def __init__(self, epoch: int, state: dict | None = None):
+        state = state if state and state.get("epoch") == epoch else {}
+        super().__init__(state)
+        self.epoch = epoch
+        self.seconds = float(state.get("seconds", 0.0))
+        self.restored = bool(state)
+
+    def state(self, seconds: float) -> dict:
+        return {"epoch": self.epoch, "sums": self.sums, "maxima": self.maxima,
+                "counts": self.counts, "seconds": self.seconds + seconds}
+
+    def record(self) -> dict:
+        return {
+            **self.means("train_"),
+            "train_fwd_steps_max": self.maxima.get("fwd_steps"),
+            "train_bwd_steps_max": self.maxima.get("bwd_steps"),
+            "train_steps": self.counts["steps"],
+            "train_skipped_steps": self.counts["skipped"],
+            "train_fwd_unconverged": self.counts["fwd_unconverged"],
+            "train_bwd_unconverged": self.counts["bwd_unconverged"],
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def check_finite(config, acc: dict, skipped_before: int, writer, last_checkpoint) -> None:
+    """Apply ``train.on_nonfinite`` to an interval brought to the host.
+
+    The train step never applies a non-finite update (and, with 'stop', no update after it
+    in the same interval), so stopping at the end of the interval leaves the state as it
+    was before the bad step, which ``acc["first_bad"]`` names. With 'skip', warn about the
+    first few per epoch (``skipped_before`` were skipped earlier in the epoch) and go on.
+    """
+    if int(acc["skipped"]) == 0:
+        return
+    step = int(acc["first_bad"])
+    values = {name: float(acc["bad"][k]) for name, k in
+              zip(("loss", "Jacobian penalty", "gradient norm"), BAD_VALUES)}
+    bad = [k for k, v in values.items() if not np.isfinite(v)]
+    what = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    what = f"{' and '.join(bad)} ({what})"
+    if config.train.on_nonfinite == "skip":
+        if skipped_before < 5:
+            n = int(acc["skipped"])
+            logger.warning("step %d: non-finite %s; skipped (its update was not applied)%s%s.",
+                           step, what, f", and {n - 1} more step(s) since" if n > 1 else "",
+                           "; further skipped steps of this epoch are only counted"
+                           if skipped_before + n >= 5 else "")
+        return
+    writer.write({"kind": "nonfinite", "step": step,
+                  **{k: float(acc["bad"][k]) for k in BAD_VALUES}})
+    writer.close()
+    where = (f"the last good checkpoint is step {last_checkpoint[0]} ({last_checkpoint[1]})"
+             if last_checkpoint else "there is no checkpoint yet")
+    raise NonFiniteError(
+        f"training stopped at step {step}: non-finite {what}. The update of this step (and "
+        f"of any step after it) was not applied and nothing after it was saved; {where}. "
+        "Rerunning the same command resumes from there and will likely meet the same step: "
+        "add --config.train.on_nonfinite=skip to skip such steps (allowed in this workdir), "
+        "or lower optim.learning_rate / enable optim.grad_clip in a new --workdir."
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Console lines, run info and summary
+
+
+def epoch_line(r: dict, num_epochs: int) -> str:
+    """The console line of one epoch record."""
+    f = lambda key, spec: "n/a" if r.get(key) is None else format(r[key], spec)  # noqa: E731
+    skipped = f", {r['train_skipped_steps']} skipped" if r.get("train_skipped_steps") else ""
+    return (
+        f"epoch {r['epoch']}/{num_epochs}: train loss {f('train_loss', '.4f')} "
+        f"acc {f('train_accuracy', '.4f')}{skipped} | test acc {f('test_accuracy', '.4f')} | "
+        f"fwd steps {f('train_fwd_steps', '.1f')} res {f('train_fwd_rel_residual', '.1e')} | "
+        f"bwd steps {f('train_bwd_steps', '.1f')} res {f('train_bwd_rel_residual', '.1e')} | "
+        f"{r['epoch_time']:.1f}s" + (" (partial: resumed without epoch sums)"
+                                     if r.get("partial") else "")
+    )
+
+
+def machine_description() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if dev.platform == "cpu":
+        return f"CPU: {cpu}, {os.cpu_count()} cores, {jax.device_count()} JAX device(s)"
+    return f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), host CPU {cpu}"
+
+
+def run_info(config, compiled, compile_seconds: float, num_params: int,
+             steps_per_epoch: int) -> dict:
+    """What ``run_info.json`` says about the run: machine, sizes, compiled step memory."""
+    mem = compiled.memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else None
+    return {
+        "name": config.name, "mode": config.mode, "machine": machine_description(),
+        "jax": jax.__version__, "num_params": num_params, "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * config.train.num_epochs,
+        "train_step_temp_bytes": temp, "compile_seconds": compile_seconds,
+    }
+
+
+def peak_memory():
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None  # the CPU backend reports none; see train_step_temp_bytes
+    return int(stats.get("peak_bytes_in_use", 0))
+
+
+def summary(info: dict, workdir: Path, final_step: int) -> dict:
+    """``summary.json``: the run info and totals over every epoch record of the run."""
+    records = read_metrics(workdir)
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    step_times = [r["step_time"] for r in records if r.get("kind") == "train"
+                  and r["step"] > 1 and r.get("step_time") is not None]
+    last = epochs[-1] if epochs else {}
+
+    def count(key):  # None where an epoch record lacks the count
+        if not epochs or any(key not in r for r in epochs):
+            return None
+        return int(sum(r[key] for r in epochs))
+
+    out = {
+        **info,
+        "final_step": final_step,
+        "epochs": len(epochs),
+        "test_accuracy": last.get("test_accuracy"),
+        "best_test_accuracy": max((r["test_accuracy"] for r in epochs), default=None),
+        "test_loss": last.get("test_loss"),
+        "median_step_time": float(np.median(step_times)) if step_times else None,
+        "mean_epoch_time": float(np.mean([r["epoch_time"] for r in epochs]))
+        if epochs else None,
+        **{k: last.get(k) for k in ("train_fwd_steps", "train_bwd_steps",
+                                    "train_fwd_rel_residual", "test_fwd_steps",
+                                    "test_fwd_rel_residual", "peak_memory_bytes")},
+        # Every solve of the run (all epochs, resumed ones included), counted per batch.
+        "train_steps": count("train_steps"),
+        "skipped_steps": count("train_skipped_steps"),
+        "train_fwd_unconverged": count("train_fwd_unconverged"),
+        "train_bwd_unconverged": count("train_bwd_unconverged"),
+        "eval_batches": count("test_batches"),
+        "eval_fwd_unconverged": count("test_fwd_unconverged"),
+        "partial_epochs": sum(bool(r.get("partial")) for r in epochs),
+    }
+    unconverged = [out[k] for k in ("train_fwd_unconverged", "train_bwd_unconverged",
+                                    "eval_fwd_unconverged")]
+    out["all_solves_converged"] = None if None in unconverged else not any(unconverged)
+    (workdir / "summary.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def convergence_report(summary: dict) -> str:
+    """One line: did every forward and backward solve converge, and how many did not."""
+    def part(label, bad, total):
+        return f"{label} all {total} converged" if not bad else \
+            f"{label} {bad} of {total} did NOT converge"
+
+    if summary.get("all_solves_converged") is None:
+        return ("solver convergence was not counted for every epoch (an epoch record without "
+                "the counts): see train_fwd_rel_residual in metrics.jsonl.")
+    n = summary["train_steps"] - summary["skipped_steps"]
+    line = "; ".join([
+        part("forward solves (train batches):", summary["train_fwd_unconverged"], n),
+        part("backward solves:", summary["train_bwd_unconverged"], n),
+        part("forward solves (eval batches):", summary["eval_fwd_unconverged"],
+             summary["eval_batches"]),
+    ])
+    if summary.get("skipped_steps"):
+        line += f"; {summary['skipped_steps']} training steps skipped (non-finite)"
+    if summary.get("mode") == "unrolled":
+        line += " (unrolled mode: a fixed number of steps, convergence is not required)"
+    return line
