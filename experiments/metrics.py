@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import jax
@@ -128,12 +129,77 @@ class EpochStats(Sums):
         }
 
 
+class EpochLog:
+    """The host side of one epoch's training metrics: the intervals' sums, the ``train``
+    lines (means since the previous line), the progress bar, the epoch record."""
+
+    def __init__(self, config, writer: MetricsWriter, stats: EpochStats, per_epoch: int,
+                 done: int):
+        self.config, self.writer, self.stats = config, writer, stats
+        self.window, self.partial = Sums(), bool(done) and not stats.restored
+        self.bar = _progress(config, per_epoch, done, stats.epoch)
+        self.t0 = self.interval_t0 = time.perf_counter()
+        self.seconds = 0.0  # training time of this call, up to the latest interval's end
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def end_interval(self, step: int, acc: dict, last_checkpoint) -> None:
+        """Add an interval's metrics (brought to the host); apply ``train.on_nonfinite``
+        (``last_checkpoint()`` is ``(step, path)`` or None); write a ``train`` line every
+        ``train.log_every`` steps."""
+        now = time.perf_counter()
+        seconds, self.seconds = now - self.interval_t0, now - self.t0
+        check_finite(self.config, acc, self.stats.counts["skipped"], self.writer,
+                     last_checkpoint)
+        self.stats.add(acc, seconds)
+        self.window.add(acc, seconds)
+        if step % self.config.train.log_every == 0:
+            means = self.window.means()
+            self.writer.write({"kind": "train", "step": step, "epoch": self.stats.epoch,
+                               **means, "skipped": self.window.counts["skipped"]})
+            if self.bar is not None:
+                self.bar.set_postfix({k: f"{means[k]:.3g}" for k in
+                                      ("loss", "accuracy", "fwd_steps", "bwd_steps")
+                                      if k in means})
+            self.window = Sums()
+        self.interval_t0 = time.perf_counter()
+
+    def epoch_state(self) -> dict:
+        """The epoch's sums so far, saved with a checkpoint."""
+        return self.stats.state(self.seconds)
+
+    def end_epoch(self, step: int, evaluation: dict) -> dict:
+        """Write the epoch record and its console line."""
+        if self.bar is not None:
+            self.bar.close()
+        record = {"kind": "epoch", "step": step, "epoch": self.stats.epoch + 1,
+                  "epoch_time": self.stats.seconds + self.seconds,
+                  **self.stats.record(), **{f"test_{k}": v for k, v in evaluation.items()},
+                  "peak_memory_bytes": peak_memory(),
+                  **({"partial": True} if self.partial else {})}
+        self.writer.write(record)
+        logger.info("%s", epoch_line(record, self.config.train.num_epochs))
+        return record
+
+
+def _progress(config, total, initial, epoch):
+    if not config.train.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{config.name} epoch {epoch + 1}",
+                leave=False, dynamic_ncols=True)
+
+
 # ------------------------------------------------------------------------------------------
 # Non-finite steps
 
 
 def check_finite(config, acc: dict, skipped_before: int, writer, last_checkpoint) -> None:
-    """Apply ``train.on_nonfinite`` to an interval brought to the host.
+    """Apply ``train.on_nonfinite`` to an interval brought to the host (``last_checkpoint()``
+    is ``(step, path)`` or None).
 
     The train step never applies a non-finite update (and, with 'stop', no update after it
     in the same interval), so stopping at the end of the interval leaves the state as it
@@ -159,8 +225,9 @@ def check_finite(config, acc: dict, skipped_before: int, writer, last_checkpoint
     writer.write({"kind": "nonfinite", "step": step,
                   **{k: float(acc["bad"][k]) for k in BAD_VALUES}})
     writer.close()
-    where = (f"the last good checkpoint is step {last_checkpoint[0]} ({last_checkpoint[1]})"
-             if last_checkpoint else "there is no checkpoint yet")
+    last = last_checkpoint()
+    where = (f"the last good checkpoint is step {last[0]} ({last[1]})" if last
+             else "there is no checkpoint yet")
     raise NonFiniteError(
         f"training stopped at step {step}: non-finite {what}. The update of this step (and "
         f"of any step after it) was not applied and nothing after it was saved; {where}. "

@@ -41,13 +41,11 @@ from experiments.checkpoints import CheckpointError
 from experiments.cli import ConfigError
 from experiments.configuration import check_stored_config, store_config, validate_config
 from experiments.metrics import (
+    EpochLog,
     EpochStats,
     MetricsWriter,
     NonFiniteError,
-    Sums,
-    check_finite,
     convergence_report,
-    epoch_line,
     machine_description,
     read_metrics,
 )
@@ -93,15 +91,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_step, run_info = compile_train_step(config, task, params, opt_state, rest, train,
                                               devices, workdir)
     eval_step = jax.jit(steps.make_eval_step(task))
-    per_epoch, log_every, base_key = run_info["steps_per_epoch"], config.train.log_every, \
-        jax.random.PRNGKey(config.seed)
 
-    start_step = step
+    start_step, per_epoch = step, run_info["steps_per_epoch"]
+    base_key = jax.random.PRNGKey(config.seed)
     for epoch in range(start_step // per_epoch, config.train.num_epochs):
         done = step - epoch * per_epoch  # batches of this epoch run before a restart
-        stats = EpochStats(epoch, progress.get("epoch") if done else None)
-        window, acc, epoch_t0 = Sums(), devices.new_metrics(), time.perf_counter()
-        interval_t0, bar = epoch_t0, _progress(config, per_epoch, done, epoch)
+        log = EpochLog(config, writer, EpochStats(epoch, progress.get("epoch") if done else None),
+                       per_epoch, done)
+        acc = devices.new_metrics()
         batches = data_lib.train_batches(train, config.train.batch_size, seed=config.seed,
                                          epoch=epoch)
         for images, labels in itertools.islice(batches, done, None):
@@ -112,35 +109,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if stop_after is not None and step - start_step >= stop_after:
                 writer.close()
                 return None
-            if bar is not None:
-                bar.update(1)
+            log.step()
             checkpoint = step % config.train.checkpoint_every == 0 and step % per_epoch
-            if step % log_every and not checkpoint and step % per_epoch:
-                continue
-            # The end of an interval: its metrics come to the host.
-            host, seconds = jax.device_get(acc), time.perf_counter() - interval_t0
-            check_finite(config, host, stats.counts["skipped"], writer, ckpt.latest())
-            stats.add(host, seconds)
-            window.add(host, seconds)
-            if step % log_every == 0:
-                writer.write({"kind": "train", "step": step, "epoch": epoch, **window.means(),
-                              "skipped": window.counts["skipped"]})
-                _show(bar, window)
-                window = Sums()
+            if step % config.train.log_every == 0 or checkpoint or step % per_epoch == 0:
+                # The end of an interval: its metrics come to the host.
+                log.end_interval(step, jax.device_get(acc), ckpt.latest)
+                acc = devices.new_metrics()
             if checkpoint:
-                ckpt.save(step, params, opt_state, stats.state(time.perf_counter() - epoch_t0))
-            acc, interval_t0 = devices.new_metrics(), time.perf_counter()
-        if bar is not None:
-            bar.close()
-        epoch_time = stats.seconds + time.perf_counter() - epoch_t0
+                ckpt.save(step, params, opt_state, log.epoch_state())
         ev = steps.evaluate(eval_step, params, eval_rest, test, config.train.eval_batch_size,
                             devices.put)
-        record = {"kind": "epoch", "step": step, "epoch": epoch + 1, "epoch_time": epoch_time,
-                  **stats.record(), **{f"test_{k}": v for k, v in ev.items()},
-                  "peak_memory_bytes": metrics_lib.peak_memory(),
-                  **({"partial": True} if done and not stats.restored else {})}
-        writer.write(record)
-        logger.info("%s", epoch_line(record, config.train.num_epochs))
+        log.end_epoch(step, ev)
         ckpt.save(step, params, opt_state, EpochStats(epoch + 1).state(0.0), force=True)
     ckpt.close()
     writer.close()
@@ -275,24 +254,6 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tupl
     """The raw ``{"params", "opt_state"}`` arrays of a run's latest (or given) checkpoint,
     verified against its digest."""
     return ckpt_lib.load(Path(workdir) / "checkpoints", step)
-
-
-def _progress(config, total, initial, epoch):
-    if not config.train.progress_bar:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"{config.name} epoch {epoch + 1}",
-                leave=False, dynamic_ncols=True)
-
-
-def _show(bar, window: Sums) -> None:
-    if bar is not None:
-        m = window.means()
-        bar.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}",
-                        acc=f"{m.get('accuracy', float('nan')):.2f}",
-                        fwd=f"{m.get('fwd_steps', float('nan')):.1f}",
-                        bwd=f"{m.get('bwd_steps', float('nan')):.1f}")
 
 
 __all__ = ["CheckpointError", "NonFiniteError", "convergence_report", "load_checkpoint",
