@@ -1,17 +1,25 @@
 """experiments.models: the multiscale MDEQ cell option (model.cell='mdeq_multiscale')."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import mnist_multiscale_deq, mnist_multiscale_unrolled, smoke
 from experiments import models
+from experiments.cli import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _config(name):
+    return load_config(str(CONFIGS / f"{name}.py"))
 
 
 @pytest.mark.parametrize("head", ["pool", "flatten"])
 def test_multiscale_classifier_builds_and_runs(head):
-    config = smoke.get_config()
+    config = _config("smoke")
     config.model.cell = "mdeq_multiscale"
     config.model.features = 4
     config.model.num_groups = 2
@@ -25,7 +33,7 @@ def test_multiscale_classifier_builds_and_runs(head):
 
 
 def test_multiscale_flatten_head_needs_head_channels():
-    config = smoke.get_config()
+    config = _config("smoke")
     config.model.cell = "mdeq_multiscale"
     config.model.features = 4
     config.model.num_groups = 2
@@ -35,7 +43,8 @@ def test_multiscale_flatten_head_needs_head_channels():
 
 
 def test_multiscale_configs_differ_only_in_what_makes_the_baseline():
-    deq_cfg, unrolled = mnist_multiscale_deq.get_config(), mnist_multiscale_unrolled.get_config()
+    deq_cfg = _config("mnist_multiscale_deq")
+    unrolled = _config("mnist_multiscale_unrolled")
     assert deq_cfg.model.to_dict() == unrolled.model.to_dict()
     assert deq_cfg.model.cell == "mdeq_multiscale" and unrolled.mode == "unrolled"
     assert unrolled.reg.jac_weight == 0.0 and deq_cfg.reg.jac_weight > 0
