@@ -5,7 +5,6 @@ The core (``fixed_point``, solvers, adjoints) knows nothing of Flax; ``deq.nnx``
 """
 
 from deq._adjoint import (
-    GMRES,
     Adjoint,
     ImplicitAdjoint,
     JacobianFreeAdjoint,
@@ -13,6 +12,7 @@ from deq._adjoint import (
     UnrolledAdjoint,
 )
 from deq._fixed_point import fixed_point
+from deq._linear_solve import GMRES
 from deq._solution import (
     RESULTS,
     BackwardStats,

@@ -2,7 +2,8 @@
 
 Each adjoint is a small frozen object of hyperparameters with one method, ``solve``, called
 by :func:`deq.fixed_point` with the (closure-converted) function, the forward solver and the
-problem. It returns ``(z, SolverStats)`` and decides how JAX differentiates ``z``.
+problem. It returns ``(z, SolverStats)`` and decides how JAX differentiates ``z``. The
+implicit adjoint's linear system is solved by the objects of ``_linear_solve.py``.
 """
 
 from __future__ import annotations
@@ -12,54 +13,37 @@ import contextlib
 import dataclasses
 import warnings
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deq import _loop
-from deq._solution import RESULTS, backward_stats_vector
+from deq._flatten import Flattener
+from deq._linear_solve import GMRES, adjoint_linear_solver
+from deq._solution import backward_stats_vector
 from deq._solvers import Anderson, ForwardSolver
 from deq._validate import (
     check_bool,
     check_choice,
     check_float,
     check_int,
-    check_tolerances,
+    check_max_steps,
     set_field,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class GMRES:
-    """Restarted GMRES for the adjoint linear system :math:`(I - J^\\top) u = g`.
-
-    A Krylov method: it needs no contraction, only a nonsingular :math:`I - J`, so it still
-    converges where plain adjoint iteration diverges (spectral radius of :math:`J` >= 1).
-    It treats the whole batch as one linear system.
-
-    Args:
-      restart: Krylov basis size per cycle.
-      rtol, atol: stop when ``|g - (I - J^T) u| <= atol + rtol |g|``.
-    """
-
-    restart: int = 20
-    rtol: float = 1e-5
-    atol: float = 1e-8
-
-    def __post_init__(self):
-        set_field(self, "restart", check_int(self, "restart", self.restart, minimum=1))
-        rtol, atol = check_tolerances(self, self.rtol, self.atol)
-        set_field(self, "rtol", rtol)
-        set_field(self, "atol", atol)
 
 
 class Adjoint(abc.ABC):
     """Base class of the backward modes."""
 
     @abc.abstractmethod
-    def solve(self, fn, solver, z0, args, probe, *, max_steps, batched, precision):
-        """Return ``(z, SolverStats)``, differentiable in ``args`` as this mode defines."""
+    def solve(self, fn, solver, z0, args, stats_probe, *, max_steps, batched, precision):
+        """Return ``(z, SolverStats)``, differentiable in ``args`` as this mode defines.
+
+        ``stats_probe`` is the ``probe=`` of :func:`deq.fixed_point`: the array whose
+        cotangent receives the statistics of a backward solve (a zero vector if none).
+        """
 
 
 def _precision(precision):
@@ -70,12 +54,9 @@ def _precision(precision):
 
 def forward_solve(fn, solver: ForwardSolver, z0, args, max_steps: int, batched: bool):
     """Solve z = fn(z, args) on pytrees with the early-stopping loop (not differentiable)."""
-    flat = _loop.Flattener(z0, batched)
-
-    def g(zf):
-        return flat.flatten(fn(flat.unflatten(zf), args))
-
-    zf, stats = _loop.solve(g, solver, flat.flatten(z0), max_steps)
+    flat = Flattener(z0, batched)
+    f = flat.on_matrices(lambda z: fn(z, args))
+    zf, stats = _loop.solve(f, solver, flat.flatten(z0), max_steps)
     return flat.unflatten(zf), stats
 
 
@@ -84,6 +65,7 @@ def _is_diff(x):
 
 
 def _split(args):
+    """The differentiable (floating-point) leaves of ``args`` apart from the others."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     diff = [x if _is_diff(x) else None for x in leaves]
     nondiff = [None if _is_diff(x) else x for x in leaves]
@@ -107,7 +89,8 @@ class ImplicitAdjoint(Adjoint):
     .. math:: u = g + \left(\partial_z f(z^*, \theta)\right)^\top u .
 
     ``u`` is found matrix-free (only VJPs of ``f`` at :math:`z^*`, never the Jacobian): by
-    fixed-point iteration, Anderson, Broyden (any forward solver object), or :class:`GMRES`.
+    fixed-point iteration, Anderson, Broyden (any forward solver object, run on the map
+    :math:`u \mapsto g + J^\top u`), or :class:`GMRES`.
     The forward iterations are not stored; memory does not grow with the number of steps.
 
     A backward solve that does not converge is never silent: its statistics are written to
@@ -127,59 +110,30 @@ class ImplicitAdjoint(Adjoint):
 
     def __post_init__(self):
         check_choice(self, "on_failure", self.on_failure, ("warn", "ignore"))
-        set_field(self, "max_steps", check_int(self, "max_steps", self.max_steps, minimum=1))
-        if not isinstance(self.solver, (ForwardSolver, GMRES)):
-            raise TypeError(
-                "ImplicitAdjoint: solver must be FixedPointIteration, Anderson, Broyden or "
-                f"GMRES, got {type(self.solver).__name__}."
-            )
+        set_field(self, "max_steps", check_max_steps(self, self.max_steps))
+        # Not a field: equality and hashing stay those of the options.
+        set_field(self, "_linear_solver", adjoint_linear_solver(self, self.solver))
 
-    def solve(self, fn, solver, z0, args, probe, *, max_steps, batched, precision):
+    def solve(self, fn, solver, z0, args, stats_probe, *, max_steps, batched, precision):
         diff, nondiff, treedef = _split(args)
-        static = (self, solver, max_steps, batched, precision, treedef)
-        return _implicit(fn, static, z0, diff, nondiff, probe)
+        config = _ImplicitConfig(self, solver, max_steps, batched, precision, treedef)
+        return _implicit(fn, config, z0, diff, nondiff, stats_probe)
 
-    def adjoint_solve(self, vjp_z, gz, batched):
-        """Solve ``u = gz + vjp_z(u)``; returns ``(u, stats_vector)``."""
-        flat = _loop.Flattener(gz, batched, what="the cotangent of z")
-        gf = flat.flatten(gz)
-        rdt = jnp.promote_types(gf.dtype, jnp.float32)
-        if isinstance(self.solver, GMRES):
-            shape = gf.shape
-            # In at least float32: the small least-squares solves have no bf16 kernels, and
-            # Krylov bases lose orthogonality fast in low precision.
-            gk = gf.astype(rdt)
+    def solve_adjoint_system(self, vjp_z, gz, batched):
+        """Solve ``u = gz + vjp_z(u)`` on pytrees shaped like ``z``.
 
-            def matvec(v):
-                vm = v.reshape(shape).astype(gf.dtype)
-                out = vm - flat.flatten(vjp_z(flat.unflatten(vm)))
-                return out.astype(rdt).reshape(-1)
-
-            u, steps, abs_res, conv, finite = _loop.gmres(
-                matvec, gk.reshape(-1), gk.reshape(-1), restart=self.solver.restart,
-                max_steps=self.max_steps, rtol=self.solver.rtol, atol=self.solver.atol,
-            )
-            unorm = jnp.linalg.norm(u)
-            result = jnp.where(conv, RESULTS.SUCCESSFUL,
-                               jnp.where(finite, RESULTS.MAX_STEPS, RESULTS.NONFINITE))
-            uf = u.reshape(shape).astype(gf.dtype)
-        else:
-            def h(uf):
-                return gf + flat.flatten(vjp_z(flat.unflatten(uf)))
-
-            uf, st = _loop.solve(h, self.solver, gf, self.max_steps)
-            steps, conv, result = st.num_steps, st.converged, st.result
-            # Whole-batch residual, as for GMRES: the parameter gradient sums every sample's
-            # VJP, and per-sample ratios are dominated by samples whose cotangent is ~0 (a
-            # confidently classified example), which meet the absolute tolerance at once.
-            abs_res = jnp.linalg.norm(st.abs_residual_per_sample.astype(rdt))
-            unorm = jnp.linalg.norm(uf.astype(rdt))
-        vec = backward_stats_vector(steps, abs_res, unorm, result, rdt)
+        Returns ``u`` and the probe cotangent holding the solve's statistics."""
+        flat = Flattener(gz, batched, what="the cotangent of z")
+        rhs = flat.flatten(gz)
+        u, stats = self._linear_solver.solve(flat.on_matrices(vjp_z), rhs, self.max_steps)
+        probe_cotangent = backward_stats_vector(
+            stats.num_steps, stats.abs_residual, stats.u_norm, stats.result,
+            jnp.promote_types(rhs.dtype, jnp.float32))
         if self.on_failure == "warn":
             # Only a failed solve reaches the host: no callback on the common path.
-            jax.lax.cond(jnp.all(conv), lambda: None,
-                         lambda: jax.debug.callback(_warn_backward, conv))
-        return flat.unflatten(uf), vec
+            jax.lax.cond(jnp.all(stats.converged), lambda: None,
+                         lambda: jax.debug.callback(_warn_backward, stats.converged))
+        return flat.unflatten(u), probe_cotangent
 
 
 def _warn_backward(converged):
@@ -198,37 +152,50 @@ def _warn_backward(converged):
         )
 
 
+class _ImplicitConfig(NamedTuple):
+    """The static (hashable) part of an implicit solve: a non-differentiable argument of its
+    custom VJP."""
+
+    adjoint: ImplicitAdjoint
+    solver: ForwardSolver
+    max_steps: int
+    batched: bool
+    precision: Any
+    args_treedef: Any  # of args, whose leaves are split into diff and nondiff
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _implicit(fn, static, z0, diff, nondiff, probe):
-    adjoint, solver, max_steps, batched, precision, treedef = static
-    args = _merge(diff, nondiff, treedef)
-    with _precision(precision):
-        return forward_solve(fn, solver, z0, args, max_steps, batched)
+def _implicit(fn, config: _ImplicitConfig, z0, diff, nondiff, stats_probe):
+    args = _merge(diff, nondiff, config.args_treedef)
+    with _precision(config.precision):
+        return forward_solve(fn, config.solver, z0, args, config.max_steps, config.batched)
 
 
-def _implicit_fwd(fn, static, z0, diff, nondiff, probe):
-    z, stats = _implicit(fn, static, z0, diff, nondiff, probe)
-    return (z, stats), (z, diff, nondiff, probe)
+def _implicit_fwd(fn, config, z0, diff, nondiff, stats_probe):
+    z, stats = _implicit(fn, config, z0, diff, nondiff, stats_probe)
+    return (z, stats), (z, diff, nondiff, stats_probe)
 
 
-def _implicit_bwd(fn, static, res, cts):
-    adjoint, solver, max_steps, batched, precision, treedef = static
-    z, diff, nondiff, probe = res
-    gz, _ = cts
+def _implicit_bwd(fn, config, residuals, cotangents):
+    z, diff, nondiff, stats_probe = residuals
+    gz, _ = cotangents
     gz = jax.tree_util.tree_map(
         lambda g, zz: jnp.zeros_like(zz) if g is None else g, gz, z,
         is_leaf=lambda x: x is None,
     )
-    with _precision(precision):
+    treedef = config.args_treedef
+    with _precision(config.precision):
         _, vjp_z = jax.vjp(lambda zz: fn(zz, _merge(diff, nondiff, treedef)), z)
-        u, vec = adjoint.adjoint_solve(lambda v: vjp_z(v)[0], gz, batched)
+        u, probe_cotangent = config.adjoint.solve_adjoint_system(
+            lambda v: vjp_z(v)[0], gz, config.batched)
         _, vjp_args = jax.vjp(lambda d: fn(z, _merge(d, nondiff, treedef)), diff)
         (gdiff,) = vjp_args(u)
     gz0 = jax.tree_util.tree_map(jnp.zeros_like, z)
     gnondiff = jax.tree_util.tree_map(
         lambda x: np.zeros(np.shape(x), dtype=jax.dtypes.float0), nondiff
     )
-    return gz0, gdiff, gnondiff, vec.astype(probe.dtype).reshape(probe.shape)
+    probe_cotangent = probe_cotangent.astype(stats_probe.dtype).reshape(stats_probe.shape)
+    return gz0, gdiff, gnondiff, probe_cotangent
 
 
 _implicit.defvjp(_implicit_fwd, _implicit_bwd)
@@ -261,7 +228,7 @@ class PhantomAdjoint(Adjoint):
         set_field(self, "damping", check_float(self, "damping", self.damping, minimum=0.0,
                                                maximum=1.0, open_max=True))
 
-    def solve(self, fn, solver, z0, args, probe, *, max_steps, batched, precision):
+    def solve(self, fn, solver, z0, args, stats_probe, *, max_steps, batched, precision):
         with _precision(precision):
             z, stats = forward_solve(
                 fn, solver, jax.lax.stop_gradient(z0), jax.lax.stop_gradient(args),
@@ -315,13 +282,10 @@ class UnrolledAdjoint(Adjoint):
     def __post_init__(self):
         set_field(self, "checkpoint", check_bool(self, "checkpoint", self.checkpoint))
 
-    def solve(self, fn, solver, z0, args, probe, *, max_steps, batched, precision):
-        flat = _loop.Flattener(z0, batched)
-
-        def g(zf):
-            return flat.flatten(fn(flat.unflatten(zf), args))
-
+    def solve(self, fn, solver, z0, args, stats_probe, *, max_steps, batched, precision):
+        flat = Flattener(z0, batched)
+        f = flat.on_matrices(lambda z: fn(z, args))
         with _precision(precision):
-            zf, stats = _loop.unroll(g, solver, flat.flatten(z0), max_steps, self.checkpoint)
+            zf, stats = _loop.unroll(f, solver, flat.flatten(z0), max_steps, self.checkpoint)
         return flat.unflatten(zf), stats
 

@@ -12,7 +12,7 @@ import numpy as np
 from deq._adjoint import Adjoint, ImplicitAdjoint
 from deq._solution import BACKWARD_STATS_SIZE, Solution
 from deq._solvers import Anderson, ForwardSolver
-from deq._validate import check_bool, check_int
+from deq._validate import check_bool, check_max_steps
 
 
 def _is_array_like(x) -> bool:
@@ -129,7 +129,7 @@ def fixed_point(
             "adjoint must be deq.ImplicitAdjoint, deq.PhantomAdjoint, deq.JacobianFreeAdjoint "
             f"or deq.UnrolledAdjoint; got {adjoint!r}."
         )
-    max_steps = check_int("deq.fixed_point", "max_steps", max_steps, minimum=1)
+    max_steps = check_max_steps("deq.fixed_point", max_steps)
     batched = check_bool("deq.fixed_point", "batched", batched)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")

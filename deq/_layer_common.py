@@ -27,7 +27,7 @@ from deq._adjoint import Adjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats
 from deq._solvers import ForwardSolver
-from deq._validate import check_bool, check_int
+from deq._validate import check_bool, check_int, check_max_steps
 from deq.regularization import jacobian_regularization
 
 DEFAULT_MAX_STEPS = 30
@@ -178,8 +178,8 @@ def validate(layer: str, options: Any) -> None:
             f"{layer}: adjoint must be deq.ImplicitAdjoint, deq.PhantomAdjoint, "
             f"deq.JacobianFreeAdjoint or deq.UnrolledAdjoint, got {o.adjoint!r}."
         )
-    check_int(layer, "max_steps", o.max_steps, minimum=1)
-    check_int(layer, "eval_max_steps", o.eval_max_steps, minimum=1, allow_none=True)
+    check_max_steps(layer, o.max_steps)
+    check_max_steps(layer, o.eval_max_steps, "eval_max_steps", allow_none=True)
     check_int(layer, "warn_unconverged_after", o.warn_unconverged_after, minimum=1,
               allow_none=True)
     if not (isinstance(o.z_init, str) or callable(o.z_init)):

@@ -1,19 +1,22 @@
 """Forward fixed-point solvers: small frozen objects of hyperparameters.
 
 Every solver works on a flattened state of shape ``(batch, dim)`` (``batch == 1`` for an
-unbatched solve), so that per-sample quantities (Anderson mixing weights, Broyden updates,
-residual norms) are computed for each sample independently. ``init`` builds the solver's
-state from the first evaluation, ``update`` proposes the next iterate from ``z`` and ``f(z)``.
-The loop that evaluates ``f``, tracks the best iterate and decides when to stop lives in
-``_loop.py`` and is shared by all solvers; no solver mixes samples, so a non-finite sample
-cannot leak into the others.
+unbatched solve; see ``_flatten.py``), so that per-sample quantities (Anderson mixing
+weights, Broyden updates, residual norms) are computed for each sample independently.
+``init`` builds the solver's state (a NamedTuple of arrays) from the first evaluation,
+``update`` proposes the next iterate from ``z`` and ``f(z)``. The stopping rule is the
+solver's too (:meth:`ForwardSolver.tolerance`, :meth:`ForwardSolver.track_stall`). The loops
+that evaluate ``f``, keep the best iterate and apply the stopping rule are in ``_loop.py``
+(:func:`deq._loop.solve` with early stopping, :func:`deq._loop.unroll` for a fixed number of
+steps), shared by all solvers; no solver mixes samples, so a non-finite sample cannot leak
+into the others.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -23,6 +26,31 @@ from deq._validate import check_float, check_int, check_tolerances, set_field
 def _bdot(a, b):
     """Per-sample inner product of (B, D) arrays -> (B,)."""
     return jnp.einsum("bd,bd->b", a, b)
+
+
+class AndersonState(NamedTuple):
+    """:class:`Anderson`'s memory: the last ``history`` evaluations, in a ring buffer."""
+
+    f_history: Any  # (B, m, D): f(z_i)
+    residual_history: Any  # (B, m, D): f(z_i) - z_i
+    # (B, m, m): their Gram matrix, in at least float32 (tiny residuals squared underflow in
+    # bf16); one row is updated per step, m dot products instead of m^2.
+    residual_gram: Any
+    num_stored: Any  # int32: pairs stored so far (the next slot is num_stored % m)
+
+
+class BroydenState(NamedTuple):
+    """:class:`Broyden`'s inverse-Jacobian approximation ``-I + sum_i u_i v_i^T`` and the
+    previous point, whose differences give the next secant update."""
+
+    us: Any  # (B, m, D)
+    vs: Any  # (B, m, D)
+    prev_z: Any  # (B, D)
+    prev_residual: Any  # (B, D): f(prev_z) - prev_z
+    # (B,): per sample, so that a sample's memory restarts when its own updates fill it and
+    # its iterates never depend on the other samples of the batch.
+    num_updates: Any
+    has_prev: Any  # bool: whether prev_z is a real previous point (False at the start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +78,30 @@ class ForwardSolver(abc.ABC):
         set_field(self, "stall_factor", check_float(
             self, "stall_factor", self.stall_factor, minimum=0.0, maximum=1.0, open_min=True))
 
+    def tolerance(self, f_norm):
+        """Per-sample tolerance of the stopping rule, ``atol + rtol * |f(z)|``."""
+        return self.atol + self.rtol * f_norm
+
+    def track_stall(self, progress, best_progress, steps_without_progress):
+        """One step of the stall test of the stopping rule.
+
+        ``progress`` is the worst running sample's residual relative to its tolerance. Returns
+        ``(best_progress, steps_without_progress, stalled)``: progress counts when it falls
+        below ``stall_factor`` times the best so far, and the solve has stalled when none was
+        counted for ``stall_patience`` steps (never, with ``stall_patience=None``).
+        """
+        improved = progress < self.stall_factor * best_progress
+        best_progress = jnp.where(improved, progress, best_progress)
+        steps_without_progress = jnp.where(improved, 0, steps_without_progress + 1)
+        stalled = (
+            jnp.asarray(False)
+            if self.stall_patience is None
+            else steps_without_progress >= self.stall_patience
+        )
+        return best_progress, steps_without_progress, stalled
+
     def init(self, z, fz) -> Any:
+        """The solver's state after the first evaluation ``fz = f(z)``; none by default."""
         return ()
 
     @abc.abstractmethod
@@ -67,7 +118,7 @@ class FixedPointIteration(ForwardSolver):
     Args:
       damping: :math:`\delta \in [0, 1)`; 0 is plain iteration. Damping helps cells whose
         Jacobian has eigenvalues near -1 (oscillation), at the price of slower convergence.
-      rtol, atol, stall_patience, stall_factor: see the stopping rule in the module docs.
+      rtol, atol, stall_patience, stall_factor: the stopping rule, see :class:`ForwardSolver`.
     """
 
     damping: float = 0.0
@@ -101,7 +152,7 @@ class Anderson(ForwardSolver):
       history: number of past iterates kept (``m``), >= 1.
       mixing: :math:`\beta \in (0, 1]`.
       ridge: relative ridge regularisation :math:`\lambda`.
-      rtol, atol, stall_patience, stall_factor: see the stopping rule in the module docs.
+      rtol, atol, stall_patience, stall_factor: the stopping rule, see :class:`ForwardSolver`.
     """
 
     history: int = 5
@@ -119,52 +170,52 @@ class Anderson(ForwardSolver):
         b, d = z.shape
         m = self.history
         gram_dtype = jnp.promote_types(z.dtype, jnp.float32)
-        return (
-            jnp.zeros((b, m, d), z.dtype),  # past evaluations f(z_i)
-            jnp.zeros((b, m, d), z.dtype),  # past residuals f(z_i) - z_i
-            # Their Gram matrix, in at least float32 (tiny residuals squared underflow in
-            # bf16). Kept up to date one row per step: m dot products instead of m^2.
-            jnp.zeros((b, m, m), gram_dtype),
-            jnp.zeros((), jnp.int32),  # number of pairs stored so far
+        return AndersonState(
+            f_history=jnp.zeros((b, m, d), z.dtype),
+            residual_history=jnp.zeros((b, m, d), z.dtype),
+            residual_gram=jnp.zeros((b, m, m), gram_dtype),
+            num_stored=jnp.zeros((), jnp.int32),
         )
 
     def update(self, z, fz, state):
-        fs, gs, gg, count = state
         m = self.history
-        gram_dtype = gg.dtype
-        slot = count % m
-        g_new = fz - z
-        fs = fs.at[:, slot].set(fz)
-        gs = gs.at[:, slot].set(g_new)
-        row = jnp.einsum("bd,bjd->bj", g_new, gs, preferred_element_type=gram_dtype)  # (B, m)
-        gg = gg.at[:, slot, :].set(row).at[:, :, slot].set(row)
-        count = count + 1
-        # Slots fill in order and unused ones hold zeros, so their rows and columns of gg are
-        # zero: no masking needed.
-        valid = (jnp.arange(m) < count).astype(gram_dtype)  # (m,)
-        scale = jnp.sum(jnp.diagonal(gg, axis1=1, axis2=2), axis=1) / jnp.sum(valid)
+        gram_dtype = state.residual_gram.dtype
+        slot = state.num_stored % m
+        residual = fz - z
+        f_history = state.f_history.at[:, slot].set(fz)
+        residual_history = state.residual_history.at[:, slot].set(residual)
+        row = jnp.einsum("bd,bjd->bj", residual, residual_history,
+                         preferred_element_type=gram_dtype)  # (B, m)
+        gram = state.residual_gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
+        num_stored = state.num_stored + 1
+        # Slots fill in order and unused ones hold zeros, so their rows and columns of the
+        # Gram matrix are zero: no masking needed.
+        valid = (jnp.arange(m) < num_stored).astype(gram_dtype)  # (m,)
+        scale = jnp.sum(jnp.diagonal(gram, axis1=1, axis2=2), axis=1) / jnp.sum(valid)
         eye = jnp.eye(m, dtype=gram_dtype)
         # Unused slots get a unit diagonal and no constraint weight, so their alpha is 0.
-        a = gg + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
+        a = gram + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
         a = a + jnp.diag(1 - valid)
         bsz = z.shape[0]
+        # The (B, m+1, m+1) system of the weights: the Gram matrix bordered by the constraint
+        # sum_i alpha_i = 1 (its Lagrange multiplier is the first unknown).
         top = jnp.concatenate([jnp.zeros((bsz, 1, 1), gram_dtype),
                                jnp.broadcast_to(valid, (bsz, 1, m))], axis=2)
         bottom = jnp.concatenate([jnp.broadcast_to(valid[:, None], (bsz, m, 1)), a], axis=2)
-        h = jnp.concatenate([top, bottom], axis=1)  # (B, m+1, m+1) bordered system
+        bordered = jnp.concatenate([top, bottom], axis=1)
         rhs = jnp.zeros((bsz, m + 1), gram_dtype).at[:, 0].set(1.0)
-        alpha = jnp.linalg.solve(h, rhs[..., None])[..., 0][:, 1:]  # (B, m)
+        alpha = jnp.linalg.solve(bordered, rhs[..., None])[..., 0][:, 1:]  # (B, m)
         ok = jnp.all(jnp.isfinite(alpha), axis=1)
         alpha = jnp.where(ok[:, None], alpha, 0.0).astype(z.dtype)
-        mixed_f = jnp.einsum("bi,bid->bd", alpha, fs)
+        mixed_f = jnp.einsum("bi,bid->bd", alpha, f_history)
         if self.mixing == 1:
             z_next = mixed_f
         else:
-            # sum_i alpha_i z_i = sum_i alpha_i (f_i - g_i)
-            mixed_x = mixed_f - jnp.einsum("bi,bid->bd", alpha, gs)
-            z_next = self.mixing * mixed_f + (1 - self.mixing) * mixed_x
+            # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - residual_i)
+            mixed_z = mixed_f - jnp.einsum("bi,bid->bd", alpha, residual_history)
+            z_next = self.mixing * mixed_f + (1 - self.mixing) * mixed_z
         z_next = jnp.where(ok[:, None], z_next, fz)
-        return z_next, (fs, gs, gg, count)
+        return z_next, AndersonState(f_history, residual_history, gram, num_stored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +230,7 @@ class Broyden(ForwardSolver):
 
     Args:
       memory: number of rank-one updates kept, >= 1.
-      rtol, atol, stall_patience, stall_factor: see the stopping rule in the module docs.
+      rtol, atol, stall_patience, stall_factor: the stopping rule, see :class:`ForwardSolver`.
     """
 
     memory: int = 20
@@ -191,15 +242,13 @@ class Broyden(ForwardSolver):
     def init(self, z, fz):
         b, d = z.shape
         m = self.memory
-        return (
-            jnp.zeros((b, m, d), z.dtype),  # u_i
-            jnp.zeros((b, m, d), z.dtype),  # v_i
-            z,  # previous iterate
-            fz - z,  # previous g
-            # Per sample: a sample's memory restarts when its own updates fill it, so its
-            # iterates never depend on the other samples of the batch.
-            jnp.zeros((b,), jnp.int32),  # number of updates made
-            jnp.zeros((), jnp.bool_),  # whether a previous point exists
+        return BroydenState(
+            us=jnp.zeros((b, m, d), z.dtype),
+            vs=jnp.zeros((b, m, d), z.dtype),
+            prev_z=z,
+            prev_residual=fz - z,
+            num_updates=jnp.zeros((b,), jnp.int32),
+            has_prev=jnp.zeros((), jnp.bool_),
         )
 
     @staticmethod
@@ -211,22 +260,22 @@ class Broyden(ForwardSolver):
         return -x + jnp.einsum("bid,bi->bd", vs, jnp.einsum("bid,bd->bi", us, x))
 
     def update(self, z, fz, state):
-        us, vs, z_prev, g_prev, count, started = state
+        us, vs, count = state.us, state.vs, state.num_updates
         # Memory full: restart from B^{-1} = -I. Overwriting the oldest update instead would
         # break the secant conditions that every later update was built on (seen to stall).
         full = count >= self.memory
         us = jnp.where(full[:, None, None], 0.0, us)
         vs = jnp.where(full[:, None, None], 0.0, vs)
         count = jnp.where(full, 0, count)
-        g = fz - z
-        dx = z - z_prev
-        dg = g - g_prev
-        vt = self._rmatvec(us, vs, dx)
-        denom = _bdot(vt, dg)
-        u = (dx - self._matvec(us, vs, dg)) / jnp.where(denom == 0, 1.0, denom)[:, None]
-        scale = jnp.sqrt(_bdot(vt, vt) * _bdot(dg, dg))
+        residual = fz - z
+        dz = z - state.prev_z
+        dr = residual - state.prev_residual
+        vt = self._rmatvec(us, vs, dz)
+        denom = _bdot(vt, dr)
+        u = (dz - self._matvec(us, vs, dr)) / jnp.where(denom == 0, 1.0, denom)[:, None]
+        scale = jnp.sqrt(_bdot(vt, vt) * _bdot(dr, dr))
         ok = (
-            started
+            state.has_prev
             & (jnp.abs(denom) > 1e-6 * scale)
             & jnp.all(jnp.isfinite(u), axis=1)
             & jnp.all(jnp.isfinite(vt), axis=1)
@@ -237,10 +286,11 @@ class Broyden(ForwardSolver):
         us = us.at[rows, slot].set(jnp.where(ok[:, None], u, us[rows, slot]))
         vs = vs.at[rows, slot].set(jnp.where(ok[:, None], vt, vs[rows, slot]))
         count = count + ok.astype(jnp.int32)
-        z_next = z - self._matvec(us, vs, g)
+        z_next = z - self._matvec(us, vs, residual)
         bad = ~jnp.all(jnp.isfinite(z_next), axis=1)
         z_next = jnp.where(bad[:, None], fz, z_next)
-        return z_next, (us, vs, z, g, count, jnp.ones((), jnp.bool_))
+        return z_next, BroydenState(us, vs, z, residual, count, jnp.ones((), jnp.bool_))
 
 
-__all__ = ["Anderson", "Broyden", "FixedPointIteration", "ForwardSolver"]
+__all__ = ["Anderson", "AndersonState", "Broyden", "BroydenState", "FixedPointIteration",
+           "ForwardSolver"]

@@ -143,6 +143,12 @@ def check_tolerances(owner, rtol, atol) -> tuple[float, float]:
     return rtol, atol
 
 
+def check_max_steps(owner, value, field: str = "max_steps", *,
+                    allow_none: bool = False) -> int | None:
+    """A step budget (``max_steps`` and its kin): an integer >= 1."""
+    return check_int(owner, field, value, minimum=1, allow_none=allow_none)
+
+
 def set_field(obj, field: str, value) -> None:
     """Store a normalised value on a frozen dataclass (from its ``__post_init__``)."""
     object.__setattr__(obj, field, value)

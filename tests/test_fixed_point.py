@@ -455,22 +455,22 @@ def test_errors_raised_by_fn_keep_their_type():
 
 
 def test_gmres_stops_inside_a_cycle_and_respects_its_budget(x64):
-    from deq import _loop
+    from deq import _linear_solve
 
     n = 40
     a = jnp.eye(n) + 0.1 * jax.random.normal(jax.random.PRNGKey(0), (n, n)) / jnp.sqrt(n)
     b = jax.random.normal(jax.random.PRNGKey(1), (n,))
     calls = dict(rtol=1e-10, atol=0.0, restart=30)
-    x, steps, res, conv, finite = _loop.gmres(lambda v: a @ v, b, jnp.zeros(n), max_steps=200,
-                                              **calls)
+    x, steps, res, conv, finite = _linear_solve.gmres(lambda v: a @ v, b, jnp.zeros(n),
+                                                      max_steps=200, **calls)
     assert bool(finite)
     assert bool(conv) and float(res) <= 1e-10 * float(jnp.linalg.norm(b))
     np.testing.assert_allclose(x, jnp.linalg.solve(a, b), rtol=1e-8, atol=1e-9)
     # Clustered eigenvalues: far fewer products than one full cycle of 30 (+2 residuals).
     assert int(steps) < 25, int(steps)
     # A budget smaller than one cycle is respected, and the answer is the best seen.
-    x5, steps5, res5, conv5, _ = _loop.gmres(lambda v: a @ v, b, jnp.zeros(n), max_steps=5,
-                                             **calls)
+    x5, steps5, res5, conv5, _ = _linear_solve.gmres(lambda v: a @ v, b, jnp.zeros(n),
+                                                     max_steps=5, **calls)
     assert int(steps5) <= 5 and not bool(conv5)
     assert float(res5) < float(jnp.linalg.norm(b))
     np.testing.assert_allclose(res5, jnp.linalg.norm(b - a @ x5), rtol=1e-6)
@@ -479,8 +479,8 @@ def test_gmres_stops_inside_a_cycle_and_respects_its_budget(x64):
     def nan_on_basis(v):
         return jnp.where(jnp.abs(jnp.linalg.norm(v) - 1) < 1e-6, jnp.nan, a @ v)
 
-    _, steps_nan, _, conv_nan, finite_nan = _loop.gmres(nan_on_basis, b, jnp.zeros(n),
-                                                        max_steps=200, **calls)
+    _, steps_nan, _, conv_nan, finite_nan = _linear_solve.gmres(
+        nan_on_basis, b, jnp.zeros(n), max_steps=200, **calls)
     assert not bool(finite_nan) and not bool(conv_nan) and int(steps_nan) <= 3
 
 
@@ -495,7 +495,7 @@ def test_anderson_gram_matrix_stays_exact_when_its_history_wraps(x64):
         for i in range(8):  # wraps the 3-slot ring buffer twice
             fz = jnp.tanh(0.5 * z + 0.1 * i)
             z, state = solver.update(z, fz, state)
-            fs, gs, gram, count = state
+            gs, gram = state.residual_history, state.residual_gram
             np.testing.assert_allclose(gram, jnp.einsum("bid,bjd->bij", gs, gs), atol=1e-12)
             np.testing.assert_allclose(gram, jnp.swapaxes(gram, 1, 2), atol=0)
-        assert int(count) == 8 and bool(jnp.all(jnp.isfinite(z)))
+        assert int(state.num_stored) == 8 and bool(jnp.all(jnp.isfinite(z)))
