@@ -129,12 +129,13 @@ def load(directory: Path, step: int | None = None) -> tuple[int, Any]:
 
 def _restore(manager, step, directory: Path, abstract):
     step_dir = directory / str(step)
-    legacy = (step_dir / "default").is_dir() and not (step_dir / "state").is_dir()
+    # A checkpoint of the state alone (item "default"), without the meta item and its digest.
+    state_only = (step_dir / "default").is_dir() and not (step_dir / "state").is_dir()
     restore = ocp.args.StandardRestore(abstract) if abstract is not None else \
         ocp.args.StandardRestore()
     try:
         with quiet_orbax():
-            if legacy:
+            if state_only:
                 state, meta = manager.restore(step, args=restore), None
             else:
                 out = manager.restore(step, args=ocp.args.Composite(
@@ -146,8 +147,8 @@ def _restore(manager, step, directory: Path, abstract):
             f"cannot restore the checkpoint of step {step} in {step_dir}: {_first_line(e)}. "
             "It is damaged (a truncated or missing file) or was written by a different model "
             "or config.")) from None
-    if legacy:
-        logger.warning("checkpoint %s has no content digest (written by an older version): "
+    if state_only:
+        logger.warning("checkpoint %s has no content digest (a state-only checkpoint): "
                        "restored without verification.", step_dir)
     else:
         if not isinstance(meta, dict) or "leaves" not in meta:

@@ -158,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--runs", default="", help="comma-separated existing workdirs to read")
     parser.add_argument("--out", default="", help="output folder (default <workdir>/compare)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help=argparse.SUPPRESS)  # the old spelling of --config.FIELD=VALUE
+                        help=argparse.SUPPRESS)  # same as --config.FIELD=VALUE
     args, rest = parser.parse_known_args(argv)
     overrides = [f"config.{s}" for s in args.set]
     while rest:

@@ -419,6 +419,21 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, tfds_dir):
     assert train.load_checkpoint(tmp_path)[0] == 1  # nothing after the bad step was saved
 
 
+def test_nonfinite_step_found_at_the_end_of_its_log_interval_is_named(tmp_path, tfds_dir):
+    # Metrics reach the host every 6 steps: step 2 is the first non-finite one, and neither
+    # its update nor those of steps 3-6 were applied.
+    config = smoke_config(tfds_dir, **{"optim.learning_rate": 1e30, "optim.schedule": "constant",
+                                       "optim.grad_clip": 0.0, "train.log_every": 6,
+                                       "train.checkpoint_every": 6})
+    with pytest.raises(train.NonFiniteError,
+                       match="stopped at step 2: .* there is no checkpoint yet"):
+        train.train_and_evaluate(config, tmp_path)
+    bad = [r for r in train.read_metrics(tmp_path) if r["kind"] == "nonfinite"]
+    assert [r["step"] for r in bad] == [2]
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
 def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path, tfds_dir):
     config = smoke_config(tfds_dir, **{"optim.learning_rate": 1e30, "optim.schedule": "constant",
                                        "optim.grad_clip": 0.0, "train.on_nonfinite": "skip",
