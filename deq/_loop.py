@@ -165,6 +165,16 @@ def _stats(step, abs_res, rel_res, abs_trace, rel_trace, result, result_per_samp
     )
 
 
+@jax.checkpoint
+def _select_rows(mask, on_true, on_false):
+    """``jnp.where(mask[:, None], on_true, on_false)`` for a ``(B,)`` mask and ``(B, D)`` rows.
+
+    Rematerialised, so that reverse mode keeps the ``(B,)`` mask for the backward pass rather
+    than its ``(B, D)`` broadcast (the unrolled loop makes three such selections per step).
+    """
+    return jnp.where(mask[:, None], on_true, on_false)
+
+
 def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = False):
     """Differentiable fixed-length run: ``num_steps`` evaluations of ``f``, no early stop.
 
@@ -187,12 +197,12 @@ def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
         rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
         failed = failed | ~(jnp.isfinite(res) & rows_finite(fz))
         better = ~failed & (res < best_res)
-        best_z = jnp.where(better[:, None], z, best_z)
+        best_z = _select_rows(better, z, best_z)
         best_res = jnp.where(better, res, best_res)
         best_rel = jnp.where(better, rel, best_rel)
         # A failed sample looks like a fixed point at best_z to the solver: its history stays
         # finite, and no inf/NaN reaches the backward pass through the solver's update.
-        fz = jnp.where(failed[:, None], best_z, fz)
+        fz = _select_rows(failed, best_z, fz)
         return fz, best_z, best_res, best_rel, failed, (res, nf, failed)
 
     inf = jnp.full((z0.shape[0],), jnp.inf, _residual_dtype(z0))
@@ -205,7 +215,7 @@ def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
         failed = failed | ~rows_finite(sg(z_next))
         # Never evaluate f at a non-finite point: its VJP there would be NaN even with a
         # zero cotangent, and would poison the gradient of the shared parameters.
-        z_next = jnp.where(failed[:, None], best_z, z_next)
+        z_next = _select_rows(failed, best_z, z_next)
         fz_next = f(z_next)
         fz_next, best_z, best_res, best_rel, failed, ys = record_evaluation(
             z_next, fz_next, best_z, best_res, best_rel, failed)
@@ -220,7 +230,7 @@ def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
     rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
     z_out, _ = solver.update(z, fz, st)
     failed = failed | ~rows_finite(sg(z_out))
-    z_out = jnp.where(failed[:, None], best_z, z_out)
+    z_out = _select_rows(failed, best_z, z_out)
     tol = solver.tolerance(nf[-1])
     conv = ~failed & (res[-1] <= tol)
     result_per_sample = jnp.where(
