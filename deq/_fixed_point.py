@@ -82,7 +82,9 @@ def fixed_point(
       solver: forward solver; default :class:`deq.Anderson`.
       adjoint: backward mode; default :class:`deq.ImplicitAdjoint`.
       max_steps: budget of evaluations of ``fn`` in the forward solve (for
-        :class:`deq.UnrolledAdjoint`: the exact number of evaluations).
+        :class:`deq.UnrolledAdjoint`: the exact number of evaluations), an integer >= 1.
+        Default 50, as for :class:`deq.ImplicitAdjoint`'s backward solve; the Flax layers
+        default to 30, as their solve runs on every training step.
       batched: if True, the leading axis of every leaf of ``z0`` is a batch of independent
         problems: residuals, tolerances and solver updates are per sample, the solve stops when
         every sample has converged, and the scalar stats report the worst sample. A sample

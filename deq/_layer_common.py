@@ -30,6 +30,9 @@ from deq._solvers import ForwardSolver
 from deq._validate import check_bool, check_int, check_max_steps
 from deq.regularization import jacobian_regularization
 
+# The layers' forward budget, below deq.fixed_point's 50: a layer's solve runs on every
+# training step, where the implicit gradient needs only an approximate fixed point, and
+# eval_max_steps raises the budget for evaluation.
 DEFAULT_MAX_STEPS = 30
 DEFAULT_WARN_UNCONVERGED_AFTER = 20
 

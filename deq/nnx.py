@@ -176,7 +176,8 @@ class DEQ(nnx.Module):
       cell: an ``nnx.Module`` called as ``cell(z, x)`` and returning a ``z``-shaped output.
       solver: forward solver (default :class:`deq.Anderson`).
       adjoint: backward mode (default :class:`deq.ImplicitAdjoint`).
-      max_steps: budget of cell evaluations of the forward solve.
+      max_steps: budget of cell evaluations of the forward solve; default 30, below
+        ``deq.fixed_point``'s 50, as the solve runs on every training step.
       z_init: starting point ``z0``: ``"zeros"`` (shape ``cell.state_shape(x.shape)`` if the
         cell defines it, else ``x.shape``), the name of a cell method applied to ``x`` (e.g.
         ``"inject"``), or a callable ``x -> z0`` that does not use the cell's parameters.

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deq._validate import check_float, check_int
+
 
 def jacobian_regularization(
     fn: Callable[[Any, Any], Any],
@@ -69,8 +71,7 @@ def jacobian_regularization(
       >>> bool(abs(r - 0.25) < 0.05)  # ||0.5 I||_F^2 / 4
       True
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+    num_samples = check_int("jacobian_regularization", "num_samples", num_samples, minimum=1)
     leaves, treedef = jax.tree_util.tree_flatten(z_star)
     if not leaves:
         raise ValueError("z_star has no array leaves.")
@@ -125,10 +126,9 @@ def correction_iterates(
       >>> len(zs)
       3
     """
-    if not isinstance(num_iterates, int) or num_iterates < 1:
-        raise ValueError(f"num_iterates must be a positive int, got {num_iterates!r}.")
-    if not 0 <= damping < 1:
-        raise ValueError(f"damping must be in [0, 1), got {damping!r}.")
+    num_iterates = check_int("correction_iterates", "num_iterates", num_iterates, minimum=1)
+    damping = check_float("correction_iterates", "damping", damping, minimum=0.0, maximum=1.0,
+                          open_max=True)
     z = jax.lax.stop_gradient(z_star)
     out = []
     for _ in range(num_iterates):
@@ -167,8 +167,8 @@ def fixed_point_correction(
     """
     if not iterates:
         raise ValueError("iterates is empty; build it with correction_iterates().")
-    if not 0 < decay <= 1:
-        raise ValueError(f"decay must be in (0, 1], got {decay!r}.")
+    decay = check_float("fixed_point_correction", "decay", decay, minimum=0.0, maximum=1.0,
+                        open_min=True)
     k = len(iterates)
     return sum(decay ** (k - 1 - i) * loss_fn(z) for i, z in enumerate(iterates))
 

@@ -405,7 +405,8 @@ def test_gradient_w_r_t_z0_is_zero_and_args_get_gradients():
 
 def test_limited_memory_broyden_restarts_instead_of_stalling(x64):
     # A symmetric linear contraction (rho = 0.95) needs far more steps than the memory:
-    # overwriting old rank-one updates used to stall here; restarting converges.
+    # a Broyden that overwrote its oldest rank-one update would stall here; restarting
+    # converges.
     m = jax.random.normal(jax.random.PRNGKey(0), (60, 60))
     s = (m + m.T) / 2
     a = 0.95 * s / jnp.max(jnp.abs(jnp.linalg.eigvalsh(s)))
