@@ -22,14 +22,17 @@ Usage::
 
   python -m experiments.bench_own_cell [--steps 40] [--batch 64] [--width 16]
 
-Writes ``experiments/results/bench_own_cell/bench_own_cell.{md,json}`` (``--out``).
+Writes ``bench_own_cell_steps<N>.{md,json}`` and ``provenance.json`` into
+``experiments/results/bench_own_cell/`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -207,17 +210,6 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
@@ -227,18 +219,20 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_images", type=int, default=512)
-    p.add_argument("--data_dir", default="/work/shared/data/mnist")
+    p.add_argument("--data_dir", default=os.environ.get("DEQ_MNIST_DIR", ""),
+                   help="folder with the MNIST IDX files (default $DEQ_MNIST_DIR)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--out", default="experiments/results/bench_own_cell")
     args = p.parse_args(argv)
 
+    from experiments.reproduce import provenance
     from experiments.train import machine_description
 
     data_name, train, test = load_data(args.data_dir, max(4096, args.batch * args.steps),
                                        args.eval_images)
     meta = {"machine": machine_description(), "data": data_name, "jax": jax.__version__,
-            "commit": _commit(),
+            "commit": provenance([])["git_commit"][:10],
             **{k: v for k, v in vars(args).items() if k != "out"}}
     rows = []
     for name in args.variants.split(","):
@@ -252,8 +246,13 @@ def main(argv=None):
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_own_cell.md").write_text(md)
-    (out / "bench_own_cell.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    prov = provenance(["python", "-m", "experiments.bench_own_cell",
+                       *(sys.argv[1:] if argv is None else argv)])
+    stem = f"bench_own_cell_steps{args.steps}"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "provenance": prov}, indent=1))
+    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
 
 
 if __name__ == "__main__":

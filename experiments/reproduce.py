@@ -516,6 +516,36 @@ def _bench_eager_lines(results: Path, stale: dict) -> list[str]:
     ]
 
 
+def _bench_own_cell_lines(results: Path, stale: dict) -> list[str]:
+    lines = []
+    for path in sorted((results / "bench_own_cell").glob("bench_own_cell_steps*.json")):
+        res = json.loads(path.read_text())
+        if "provenance" not in res:
+            continue
+        rows = {r["variant"]: r for r in res["rows"]}
+        ref = rows["MDEQCell"]["step_ms"]
+        own, plain = rows.get("own+recipe"), rows.get("own/plain nnx.Conv")
+        if own is None:
+            continue
+        text = (
+            f"- **Your own cell** ({res['meta']['data']}, {res['meta']['steps']} training steps; "
+            f"[table](experiments/results/bench_own_cell/{path.name.replace('.json', '.md')}); "
+            f"{_prov_line(res['provenance'], stale.get('bench_own_cell'), '')}): with the "
+            f"recipe, {own['step_ms'] / ref:.2f}x the step time of `MDEQCell` of the same width, "
+            f"{100 * own['train_converged_frac']:.0f}% of training and "
+            f"{100 * own['eval_converged_frac']:.0f}% of test solves converged (worst test "
+            f"residual {own['eval_res_worst']:.1e})"
+        )
+        if plain is not None:
+            text += (
+                f"; written plainly (`nnx.Conv`, no weight norm, no penalty) "
+                f"{plain['step_ms'] / ref:.2f}x, {100 * plain['train_converged_frac']:.0f}% / "
+                f"{100 * plain['eval_converged_frac']:.0f}% converged"
+            )
+        lines.append(text + ".")
+    return lines
+
+
 def readme_block(results: Path = RESULTS) -> str:
     """The README's results summary, generated from the result files (never hand-copied)."""
     stale = stale_sets(results)
@@ -524,6 +554,7 @@ def readme_block(results: Path = RESULTS) -> str:
         *_seeds_lines("mnist", "MNIST", results, stale),
         *_bench_core_lines(results, stale),
         *_bench_eager_lines(results, stale),
+        *_bench_own_cell_lines(results, stale),
     ]
     return "\n".join([BEGIN, *parts, END])
 
