@@ -22,7 +22,7 @@ import numpy as np
 from deq import _loop
 from deq._flatten import Flattener
 from deq._linear_solve import GMRES, adjoint_linear_solver
-from deq._solution import backward_stats_vector
+from deq._solution import backward_stats_cotangent
 from deq._solvers import Anderson, ForwardSolver
 from deq._validate import (
     check_bool,
@@ -126,7 +126,7 @@ class ImplicitAdjoint(Adjoint):
         flat = Flattener(gz, batched, what="the cotangent of z")
         rhs = flat.flatten(gz)
         u, stats = self._linear_solver.solve(flat.on_matrices(vjp_z), rhs, self.max_steps)
-        probe_cotangent = backward_stats_vector(
+        probe_cotangent = backward_stats_cotangent(
             stats.num_steps, stats.abs_residual, stats.u_norm, stats.result,
             jnp.promote_types(rhs.dtype, jnp.float32))
         if self.on_failure == "warn":

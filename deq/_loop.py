@@ -21,9 +21,14 @@ from deq._solution import RESULTS, SolverStats
 from deq._solvers import ForwardSolver
 
 
-def _norms(z, fz):
-    """Per-sample |f(z) - z| and |f(z)|, in at least float32."""
-    dt = jnp.promote_types(z.dtype, jnp.float32)
+def _residual_dtype(z):
+    """Residual norms and tolerances are kept in at least float32 (bf16 states included)."""
+    return jnp.promote_types(z.dtype, jnp.float32)
+
+
+def _residual_norms(z, fz):
+    """Per-sample |f(z) - z| and |f(z)|, in the residual dtype."""
+    dt = _residual_dtype(z)
     r = (fz - z).astype(dt)
     f = fz.astype(dt)
     return jnp.sqrt(jnp.sum(r * r, axis=1)), jnp.sqrt(jnp.sum(f * f, axis=1))
@@ -63,7 +68,7 @@ def _trace_entry(values, live):
 def _record_evaluation(solver: ForwardSolver, s: _LoopState, max_steps: int) -> _LoopState:
     """After the evaluation ``s.fz = f(s.z)``: its residuals, each sample's best iterate, which
     samples are done or non-finite, and whether (and why) the solve stops."""
-    res, nf = _norms(s.z, s.fz)
+    res, nf = _residual_norms(s.z, s.fz)
     rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
     tol = solver.tolerance(nf)
     finite = jnp.isfinite(res) & jnp.all(jnp.isfinite(s.fz), axis=1)
@@ -103,11 +108,6 @@ def _record_evaluation(solver: ForwardSolver, s: _LoopState, max_steps: int) -> 
         steps_without_progress=steps_without_progress, result=result,
         result_per_sample=result_per_sample, done=done,
     )
-
-
-def _residual_dtype(z):
-    """Residual norms and tolerances are kept in at least float32 (bf16 states included)."""
-    return jnp.promote_types(z.dtype, jnp.float32)
 
 
 def solve(f, solver: ForwardSolver, z0, max_steps: int):
@@ -193,7 +193,7 @@ def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
         return jnp.all(jnp.isfinite(x), axis=1)
 
     def record_evaluation(z, fz, best_z, best_res, best_rel, failed):
-        res, nf = _norms(sg(z), sg(fz))
+        res, nf = _residual_norms(sg(z), sg(fz))
         rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
         failed = failed | ~(jnp.isfinite(res) & rows_finite(fz))
         better = ~failed & (res < best_res)

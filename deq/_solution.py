@@ -116,20 +116,20 @@ _SOLVES, _STEPS, _ABS_SQ, _U_SQ, _FAILED, _NONFINITE, _STAGNATED = range(7)
 BACKWARD_STATS_SIZE = 7
 
 
-def backward_stats_vector(steps, abs_residual, u_norm, result, dtype):
+def backward_stats_cotangent(steps, abs_residual, u_norm, result, dtype):
     """The probe cotangent written by one adjoint solve (see :func:`backward_stats`)."""
     # Squares in at least float32, then cast: residuals below ~1e-19 read as 0 in a float32
     # probe, which only ever means "converged".
     dt = jnp.promote_types(dtype, jnp.float32)
-    vec = jnp.zeros((BACKWARD_STATS_SIZE,), dt)
-    vec = vec.at[_SOLVES].set(1.0).at[_STEPS].set(jnp.asarray(steps, dt))
-    vec = vec.at[_ABS_SQ].set(jnp.square(jnp.asarray(abs_residual, dt)))
-    vec = vec.at[_U_SQ].set(jnp.square(jnp.asarray(u_norm, dt)))
+    cotangent = jnp.zeros((BACKWARD_STATS_SIZE,), dt)
+    cotangent = cotangent.at[_SOLVES].set(1.0).at[_STEPS].set(jnp.asarray(steps, dt))
+    cotangent = cotangent.at[_ABS_SQ].set(jnp.square(jnp.asarray(abs_residual, dt)))
+    cotangent = cotangent.at[_U_SQ].set(jnp.square(jnp.asarray(u_norm, dt)))
     for i, failed in ((_FAILED, result != RESULTS.SUCCESSFUL),
                       (_NONFINITE, result == RESULTS.NONFINITE),
                       (_STAGNATED, result == RESULTS.STAGNATED)):
-        vec = vec.at[i].set(failed.astype(dt))
-    return vec.astype(dtype)
+        cotangent = cotangent.at[i].set(failed.astype(dt))
+    return cotangent.astype(dtype)
 
 
 def backward_stats_probe(dtype=jnp.float32) -> jax.Array:

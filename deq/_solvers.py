@@ -62,6 +62,8 @@ class ForwardSolver(abc.ABC):
     solve stops as soon as every sample has converged or been frozen so, when ``max_steps``
     evaluations of ``f`` are spent, or when the worst running sample's residual (relative to
     its tolerance) has not improved by ``stall_factor`` within ``stall_patience`` steps.
+    :meth:`tolerance` and :meth:`track_stall` are that rule; both loops of ``_loop.py`` apply
+    it.
     """
 
     rtol: float = 1e-4
