@@ -13,7 +13,6 @@ and options instead of on every call. Under an outer ``jit`` the inner one is in
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -316,7 +315,8 @@ def checked_start(layer: str, z_init, cell: Any, x, z0, run: Callable[[], Any]) 
         guessed = isinstance(z_init, str) and z_init == "zeros" and not hasattr(cell, "state_shape")
         if isinstance(e, StatefulCellError) or not guessed:
             raise  # the user chose z0's shape: the cell's own error says more
-        raise _start_error(layer, z_init, cell, x, z0, f"the cell failed on it: {str(e).rstrip('.')}") from e
+        reason = f"the cell failed on it: {str(e).rstrip('.')}"
+        raise _start_error(layer, z_init, cell, x, z0, reason) from e
     z_struct = jax.tree_util.tree_structure(z0)
     if jax.tree_util.tree_structure(out) != z_struct or any(
         tuple(jnp.shape(a)) != tuple(jnp.shape(b))
@@ -410,7 +410,8 @@ class UnconvergedWarning(UserWarning):
     """A DEQ layer's training solves keep stopping before they converge."""
 
 
-# Unconverged training solves seen so far, per (layer class, cell class, threshold).
+# Unconverged training solves seen so far in this process, per (layer class, cell class,
+# threshold): the warning is shown once per process for each such kind of layer.
 _unconverged_counts: dict[tuple, int] = {}
 
 

@@ -114,9 +114,7 @@ def stale_sets(results: Path = RESULTS) -> dict[str, str]:
             stale[d.name] = f"its commit {commit[:12]} is not in this repository"
             continue
         if changed:
-            files = changed.splitlines()
-            stale[d.name] = (f"{len(files)} code file(s) changed since {commit[:12]} "
-                             f"(e.g. {files[0]})")
+            stale[d.name] = f"the code changed since {commit[:10]}"
     return stale
 
 
