@@ -5,8 +5,8 @@ on a batch of images. An eager call is ``model(x)`` (NNX) or ``model.apply(param
 outside any ``jit``; a jitted call goes through ``nnx.jit`` / ``jax.jit``. For each: the first
 call (compilation included, from empty compilation caches) and the median of ``--repeats`` later
 calls, each with fresh input values of the same shape, timed to ``block_until_ready`` and taken
-round-robin with the jitted mode so that both see the same machine load. Target: the second eager call within
-2x of the jitted one. A benchmark, not a test: the figures depend on the machine and its load.
+round-robin with the jitted mode so that both see the same machine load. A benchmark, not a
+test: the figures depend on the machine and its load.
 
     python -m experiments.bench_eager                      # writes experiments/results/bench_eager
     python -m experiments.bench_eager --quick --out /tmp/b # tiny smoke run
