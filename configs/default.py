@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.z_init = "zeros"  # 'zeros' or 'inject'
     config.model.head_channels = 0  # mdeq: strided conv before the head (0 = none)
     config.model.head = "pool"  # mdeq: 'pool' (global average) or 'flatten' (all positions)
+    # () = (features, 2 * features); e.g. --config.model.multiscale_channels="(16, 32)"
+    config.model.multiscale_channels = ()  # mdeq_multiscale: (full, half resolution) channels
 
     # The equilibrium layer: mode 'deq' (solve + implicit/phantom/JFB gradient) or 'unrolled'
     # (exactly solver.max_steps plain iterations, backprop through all of them).

@@ -119,16 +119,21 @@ RESUMABLE_FIELDS = {
     "train.progress_bar", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_batch_size", "train.on_nonfinite", "data.dir", "data.tfds_dir",
 }
-# A stored config without one of these fields (the runs in experiments/results/
-# mnist_pool_head have no model.head) compares as if it had this value, which is what those
-# runs computed.
-STORED_DEFAULTS = {"model.head": "pool"}
+# A stored config that lacks one of these fields compares as if it held this value: the
+# model that a config without the field builds.
+STORED_DEFAULTS = {"model.head": "pool", "model.multiscale_channels": []}
+
+
+def _json_fields(config) -> dict:
+    """The leaf fields of ``config`` as ``config.json`` stores them (tuples become lists)."""
+    return json.loads(json.dumps(config_fields(config.to_dict())))
 
 
 def check_stored_config(config, workdir: Path) -> None:
-    """Refuse to resume a run stored in ``workdir`` with a different config (writes nothing)."""
+    """Refuse, with a ConfigError, to resume a run stored in ``workdir`` with a different
+    config (writes nothing). Values are compared as JSON stores them."""
     path = workdir / "config.json"
-    current = config_fields(config.to_dict())
+    current = _json_fields(config)
     if path.exists():
         stored = {**STORED_DEFAULTS, **json.loads(path.read_text())}
         diff = sorted(
@@ -137,7 +142,7 @@ def check_stored_config(config, workdir: Path) -> None:
         )
         if diff:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in diff)
-            raise ValueError(
+            raise ConfigError(
                 f"workdir {workdir} holds a run with a different config ({details}). Resuming "
                 "would mix two experiments: use a new --workdir, or delete this one."
             )
@@ -146,4 +151,4 @@ def check_stored_config(config, workdir: Path) -> None:
 def store_config(config, workdir: Path) -> None:
     path = workdir / "config.json"
     if not path.exists():
-        path.write_text(json.dumps(config_fields(config.to_dict()), indent=1, sort_keys=True))
+        path.write_text(json.dumps(_json_fields(config), indent=1, sort_keys=True))

@@ -60,8 +60,14 @@ def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False)
 
 
 def multiscale_channels(m: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """``model.multiscale_channels`` (default: ``features`` then twice as many)."""
+    """``model.multiscale_channels``: the channels of the full- and the half-resolution
+    branch (default, when empty: ``features`` then twice as many)."""
     channels = m.get("multiscale_channels", None) or (m.features, 2 * m.features)
+    if len(channels) != 2:
+        raise ValueError(
+            f"model.multiscale_channels={tuple(channels)!r}: the multiscale classifier has two "
+            "branches (full and half resolution), so give two channel counts, e.g. (16, 32)."
+        )
     return tuple(int(c) for c in channels)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import compare, configuration, train
-from experiments.cli import config_fields, get_field, set_fields
+from experiments.cli import ConfigError, config_fields, get_field, set_fields
 from experiments.compare import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,25 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path, tfds_dir, 
 
 def test_changed_config_in_the_same_workdir_is_refused(tmp_path, tfds_dir, smoke_runs):
     shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
-    with pytest.raises(ValueError, match="model.features: 16 -> 32"):
+    # A config error (exit status 2 on the command line), not a failed run.
+    with pytest.raises(ConfigError, match="model.features: 16 -> 32"):
         train.train_and_evaluate(smoke_config(tfds_dir, **{"model.features": 32}), tmp_path)
+
+
+CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_stored_in_a_workdir_resumes(tmp_path, name):
+    # config.json stores tuples (model.multiscale_channels) as lists: a rerun of the same
+    # command must still match it.
+    config = load_config(str(ROOT / "configs" / f"{name}.py"))
+    configuration.store_config(config, tmp_path)
+    configuration.check_stored_config(load_config(str(ROOT / "configs" / f"{name}.py")),
+                                      tmp_path)
+    config.model.features += 1
+    with pytest.raises(ConfigError, match="model.features"):
+        configuration.check_stored_config(config, tmp_path)
 
 
 def test_run_stored_before_a_field_was_added_still_resumes(tmp_path):
@@ -255,11 +272,13 @@ def test_load_config_overrides(tmp_path):
         load_config(str(ROOT / "configs" / "smoke.py"), ["solver.max_steps=x"])
 
 
-@pytest.mark.parametrize("name", ["default", "digits_deq", "digits_unrolled", "mnist_deq",
-                                  "mnist_unrolled", "smoke"])
+@pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_is_valid(name):
     config = load_config(str(ROOT / "configs" / f"{name}.py"))
     train.validate_config(config)
+    # Every config has the fields of configs/default.py (listed by --help), and only those.
+    default = load_config(str(ROOT / "configs" / "default.py"))
+    assert set(config_fields(config)) == set(config_fields(default))
     if "unrolled" in name:
         deq_cfg = load_config(str(ROOT / "configs" / f"{name.replace('unrolled', 'deq')}.py"))
         # Fair comparison: same model and the same forward step budget.

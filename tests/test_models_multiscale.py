@@ -49,3 +49,22 @@ def test_multiscale_configs_differ_only_in_what_makes_the_baseline():
     assert deq_cfg.model.cell == "mdeq_multiscale" and unrolled.mode == "unrolled"
     assert unrolled.reg.jac_weight == 0.0 and deq_cfg.reg.jac_weight > 0
     assert jax.tree_util.tree_leaves(deq_cfg.model.multiscale_channels) == [16, 32]
+
+
+def test_multiscale_channels_is_a_field_of_every_config():
+    config = load_config(str(CONFIGS / "smoke.py"), ["model.cell=mdeq_multiscale",
+                                                     "model.features=4", "model.num_groups=2",
+                                                     "model.multiscale_channels=(4, 6)"])
+    model = models.Classifier(config, (8, 8, 1), 10, rngs=nnx.Rngs(0))
+    assert model.deq.cell.channels == (4, 6)
+
+
+def test_multiscale_channels_other_than_two_branches_are_a_config_error():
+    from experiments.cli import ConfigError
+    from experiments.configuration import validate_config
+
+    config = load_config(str(CONFIGS / "smoke.py"), ["model.cell=mdeq_multiscale",
+                                                     "model.features=4", "model.num_groups=2",
+                                                     "model.multiscale_channels=(4, 8, 16)"])
+    with pytest.raises(ConfigError, match=r"multiscale_channels=\(4, 8, 16\): .* two branches"):
+        validate_config(config)
