@@ -119,8 +119,8 @@ RESUMABLE_FIELDS = {
     "train.progress_bar", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_batch_size", "train.on_nonfinite", "data.dir", "data.tfds_dir",
 }
-# A stored config that lacks one of these fields compares as if it held this value: the
-# model that a config without the field builds.
+# A config (stored or current) that lacks one of these fields compares as if it held this
+# value: the model that a config without the field builds.
 STORED_DEFAULTS = {"model.head": "pool", "model.multiscale_channels": []}
 
 
@@ -133,7 +133,7 @@ def check_stored_config(config, workdir: Path) -> None:
     """Refuse, with a ConfigError, to resume a run stored in ``workdir`` with a different
     config (writes nothing). Values are compared as JSON stores them."""
     path = workdir / "config.json"
-    current = _json_fields(config)
+    current = {**STORED_DEFAULTS, **_json_fields(config)}
     if path.exists():
         stored = {**STORED_DEFAULTS, **json.loads(path.read_text())}
         diff = sorted(

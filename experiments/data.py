@@ -404,8 +404,10 @@ def eval_batches(
       batch_size: Examples per batch.
       pad: If False, yield ``(images, labels)`` and let the last batch be smaller. If True,
         yield ``(images, labels, mask)`` with every batch exactly ``batch_size`` rows: the
-        last one is padded with zero images and label 0, and ``mask`` (bool) is False on
-        padding rows, so a jitted eval step sees a single shape.
+        last one is padded with copies of its last example, and ``mask`` (bool) is False on
+        padding rows, so a jitted eval step sees a single shape. Copies of a real example
+        leave what the batch's solve reports (steps, worst residual, convergence) as it is
+        without them; zero images would join the solve as examples of their own.
 
     Returns:
       An iterator of ``ceil(len(split) / batch_size)`` batches. Unpadded batches are
@@ -425,10 +427,8 @@ def eval_batches(
             mask = np.zeros((batch_size,), dtype=bool)
             mask[:n] = True
             if n < batch_size:
-                images = np.concatenate(
-                    [images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)]
-                )
-                labels = np.concatenate([labels, np.zeros((batch_size - n,), labels.dtype)])
+                rows = np.concatenate([np.arange(n), np.full(batch_size - n, n - 1)])
+                images, labels = images[rows], labels[rows]
             yield images, labels, mask
 
     return generate()

@@ -242,7 +242,11 @@ def test_eval_batches_padded_with_mask(digits):
     assert masks.sum() == len(test) and masks[: len(test)].all()
     images = np.concatenate([x for x, _, _ in batches])[masks]
     np.testing.assert_array_equal(images, test.images)
-    assert not np.any(batches[-1][0][40:])
+    # Padding repeats the last example (a zero image would join the solve as one of its own).
+    last_images, last_labels, _ = batches[-1]
+    np.testing.assert_array_equal(last_images[40:], np.broadcast_to(test.images[-1],
+                                                                    (24, 8, 8, 1)))
+    assert (last_labels[40:] == test.labels[-1]).all()
 
 
 # --------------------------------------------------------------------------- errors

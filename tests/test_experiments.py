@@ -318,6 +318,27 @@ def test_sharded_run_on_8_cpu_devices_matches_single_device(tmp_path, tfds_dir):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_padding_rows_leave_the_eval_solve_statistics_unchanged(tfds_dir):
+    from experiments import data, steps
+
+    config = smoke_config(tfds_dir)
+    train_split, test, info = train.load_data(config)
+    task, params, _, _, eval_rest = train.build(config, info, train_split, train.Devices(config))
+    eval_step = steps.make_eval_step(task)
+    # The smoke run's 40 test examples in batches of 32: the second has 8 real rows.
+    images, labels, mask = list(data.eval_batches(test, 32, pad=True))[-1]
+    n = int(mask.sum())
+    assert n == 8
+    padded = jax.device_get(jax.jit(eval_step)(params, eval_rest, images, labels, mask))
+    real = jax.device_get(jax.jit(eval_step)(params, eval_rest, images[:n], labels[:n],
+                                             mask[:n]))
+    assert int(padded["count"]) == n and int(padded["correct"]) == int(real["correct"])
+    assert int(padded["fwd_steps"]) == int(real["fwd_steps"])
+    assert bool(padded["fwd_converged"]) == bool(real["fwd_converged"])
+    np.testing.assert_allclose(padded["fwd_rel_residual"], real["fwd_rel_residual"], rtol=1e-4)
+    np.testing.assert_allclose(padded["loss_sum"], real["loss_sum"], rtol=1e-5)
+
+
 def test_compare_writes_table_and_plots(tmp_path, smoke_runs):
     table = compare.compare([smoke_runs / "smoke", smoke_runs / "smoke_unrolled"], tmp_path)
     assert "| smoke | deq |" in table and "| smoke_unrolled | unrolled |" in table
