@@ -217,10 +217,10 @@ def fail(prog: str, message: str, code: int = 2, *, hard: bool = False):
 def _errors():
     """(errors we raise with a complete message, other errors a user may still act on)."""
     from experiments.checkpoints import CheckpointError
-    from experiments.train import NonFiniteError
+    from experiments.train import NonFiniteError, WorkdirInUseError
 
     return (ConfigError, FileNotFoundError, NotADirectoryError, CheckpointError,
-            NonFiniteError), (ValueError,)
+            NonFiniteError, WorkdirInUseError), (ValueError,)
 
 
 @contextlib.contextmanager

@@ -6,15 +6,17 @@ usage: deq-train --config FILE --workdir DIR [--config.FIELD=VALUE ...] [--distr
   deq-train --config configs/mnist_deq.py --workdir runs/mnist_deq \\
       --config.data.dir=~/data/mnist --config.solver.max_steps=20
 
-Rerunning the same command resumes from the last checkpoint in --workdir. Prints one line per
-epoch and a final summary (also in DIR/summary.json, with per-epoch records in
-DIR/metrics.jsonl). Exit status: 0 done, 1 the run failed (non-finite loss, damaged
-checkpoint, missing data), 2 bad command line or config. For a multi-host run, start the same
+Rerunning the same command resumes from the last checkpoint in --workdir (after Ctrl-C too);
+a second run on a workdir that a run holds is refused. Prints one line per epoch and a final
+summary (also in DIR/summary.json, with per-epoch records in DIR/metrics.jsonl). Exit status:
+0 done, 1 the run failed (non-finite loss, damaged checkpoint, missing data, workdir held by
+another run), 2 bad command line or config, 130 interrupted. For a multi-host run, start the same
 command on every host with --distributed (it calls jax.distributed.initialize(), which reads
 the coordinator address from the environment on Cloud TPU / SLURM, or from
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -68,14 +70,22 @@ def parse_flags(argv):
 def main(argv):
     del argv
     cli.setup_console()
-    import jax
+    try:
+        import jax
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    from experiments.train import convergence_report, train_and_evaluate
+        if FLAGS.distributed:
+            jax.distributed.initialize()
+        from experiments.train import convergence_report, train_and_evaluate
 
-    with cli.short_errors(PROG):
-        summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        with cli.short_errors(PROG):
+            summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not orbax's and asyncio's tracebacks
+        step = getattr(e, "step", None)
+        at = f" at step {step}" if step is not None else ""
+        print(f"{PROG}: interrupted{at}; rerun the same command to resume from the last "
+              "checkpoint.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # skip the shutdown, where orbax/TensorStore threads can still be busy
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epochs; summary in {FLAGS.workdir}/summary.json")
     print(convergence_report(summary))

@@ -19,6 +19,7 @@ the restored checkpoint (by the interrupted run) are dropped and written again.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -50,6 +51,11 @@ from experiments.metrics import (
     read_metrics,
 )
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs on one workdir are not kept apart
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,18 +81,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       NonFiniteError: a non-finite loss or gradient with ``train.on_nonfinite='stop'``; it is
         raised at the end of the logging interval of the bad step and names that step (whose
         update, like those of the steps after it, was not applied).
+      WorkdirInUseError: another run holds ``workdir`` (its ``.lock``).
+      KeyboardInterrupt: as raised, with ``step`` set to the training steps done by then
+        (None before the first checkpoint is restored).
     """
     validate_config(config)
     workdir = Path(workdir).expanduser()
     check_stored_config(config, workdir)
     train, test, info = load_data(config)
     devices = Devices(config)
-    task, params, opt_state, rest, eval_rest = build(config, info, train, devices)
+    built = build(config, info, train, devices)
 
     workdir.mkdir(parents=True, exist_ok=True)  # the run starts: from here on it has a workdir
+    at = Position()
+    try:
+        with hold_workdir(workdir):
+            return _run(config, workdir, stop_after, (train, test), devices, built, at)
+    except KeyboardInterrupt as e:
+        e.step = at.step
+        raise
+
+
+class Position:
+    """The global step the run has reached (None before its checkpoint is restored)."""
+
+    step: int | None = None
+
+
+def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position):
+    train, test = splits
+    task, params, opt_state, rest, eval_rest = built
     store_config(config, workdir)
     ckpt = Checkpoints(workdir, config.train.keep_checkpoints, devices.replicated)
     step, params, opt_state, progress = ckpt.restore(params, opt_state)
+    at.step = step
     writer = MetricsWriter(workdir / "metrics.jsonl", step)
     train_step, run_info = compile_train_step(config, task, params, opt_state, rest, train,
                                               devices, workdir)
@@ -106,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                 *devices.put(images, labels), base_key,
                                                 np.int32(step))
             step += 1
+            at.step = step
             if stop_after is not None and step - start_step >= stop_after:
                 writer.close()
                 return None
@@ -124,6 +153,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ckpt.close()
     writer.close()
     return metrics_lib.summary(run_info, workdir, step)
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another run holds the workdir."""
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: Path):
+    """Hold ``workdir/.lock`` (an exclusive ``flock``, with this process's pid in the file)
+    for the duration of the block: a second run on the same workdir fails at once with
+    WorkdirInUseError instead of interleaving its checkpoints and metrics with the first's.
+    The kernel releases the lock when the process ends, however it ends. Taken by process 0
+    only (the hosts of a multi-host run share the workdir)."""
+    if fcntl is None or jax.process_index() != 0:
+        yield
+        return
+    path = workdir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            who = f"another run (pid {holder})" if holder.isdigit() else "another run"
+            raise WorkdirInUseError(
+                f"workdir {workdir} is in use by {who}, which holds {path}. Two runs on one "
+                "workdir would mix their checkpoints and metrics: wait for that run to end "
+                "(or stop it), or use another --workdir.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ------------------------------------------------------------------------------------------
@@ -256,5 +318,6 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tupl
     return ckpt_lib.load(Path(workdir) / "checkpoints", step)
 
 
-__all__ = ["CheckpointError", "NonFiniteError", "convergence_report", "load_checkpoint",
-           "machine_description", "read_metrics", "train_and_evaluate", "validate_config"]
+__all__ = ["CheckpointError", "NonFiniteError", "WorkdirInUseError", "convergence_report",
+           "load_checkpoint", "machine_description", "read_metrics", "train_and_evaluate",
+           "validate_config"]

@@ -146,6 +146,56 @@ def test_resume_after_kill_9(tmp_path, tfds_dir):
     assert steps == sorted(set(steps)) and steps[-1] <= killed_at + 1
 
 
+def test_a_second_run_on_a_workdir_in_use_is_refused_and_ctrl_c_is_one_line(tmp_path, tfds_dir):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.main", "--config", str(ROOT / "configs/smoke.py"),
+           "--workdir", str(workdir), f"--config.data.tfds_dir={tfds_dir}",
+           "--config.train.num_epochs=400", "--config.train.checkpoint_every=3"]
+    env = {k: v for k, v in os.environ.items() if k != "DEQ_TRACEBACK"}
+    env["JAX_PLATFORMS"] = "cpu"
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        ckpt = workdir / "checkpoints"
+        while time.time() < deadline and first.poll() is None and not (
+                ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())):
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        _short_error(second, 1, f"workdir {workdir} is in use by another run "
+                                f"(pid {first.pid})", max_lines=1)
+        assert first.poll() is None  # the first run goes on
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "Warning" not in ln and "callback(" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("deq-train: interrupted at step "), err
+    assert "rerun the same command to resume from the last checkpoint" in err
+    # The lock went with the process: the same workdir resumes.
+    config = smoke_config(tfds_dir, **{"train.num_epochs": 400, "train.checkpoint_every": 3})
+    assert train.train_and_evaluate(config, workdir, stop_after=1) is None
+
+
+def test_a_workdir_locked_by_another_process_is_refused(tmp_path, tfds_dir):
+    import fcntl
+
+    with open(tmp_path / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(train.WorkdirInUseError,
+                           match=r"in use by another run \(pid 4242\)"):
+            train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+    assert (tmp_path / ".lock").read_text() == "4242\n"
+
+
 def test_corrupt_checkpoint_gives_a_clear_error_and_is_kept(tmp_path, tfds_dir, smoke_runs):
     shutil.copytree(smoke_runs / "smoke", tmp_path, dirs_exist_ok=True)
     step_dir = tmp_path / "checkpoints" / "12"
