@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.num_epochs = 20
     config.train.batch_size = 64
     config.train.eval_batch_size = 256
-    config.train.log_every = 10  # steps between step-level metric lines
+    config.train.log_every = 10  # steps between train lines of metrics.jsonl (+ epoch ends)
     config.train.checkpoint_every = 200  # steps between checkpoints (also at each epoch end)
     config.train.keep_checkpoints = 2
     config.train.progress_bar = True

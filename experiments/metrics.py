@@ -135,7 +135,7 @@ class EpochLog:
 
     def __init__(self, config, writer: MetricsWriter, stats: EpochStats, per_epoch: int,
                  done: int):
-        self.config, self.writer, self.stats = config, writer, stats
+        self.config, self.writer, self.stats, self.per_epoch = config, writer, stats, per_epoch
         self.window, self.partial = Sums(), bool(done) and not stats.restored
         self.bar = _progress(config, per_epoch, done, stats.epoch)
         self.t0 = self.interval_t0 = time.perf_counter()
@@ -148,17 +148,19 @@ class EpochLog:
     def end_interval(self, step: int, acc: dict, last_checkpoint) -> None:
         """Add an interval's metrics (brought to the host); apply ``train.on_nonfinite``
         (``last_checkpoint()`` is ``(step, path)`` or None); write a ``train`` line every
-        ``train.log_every`` steps."""
+        ``train.log_every`` steps and at the end of the epoch (over the steps since the
+        previous line, ``steps`` of them), so that every step is in one line."""
         now = time.perf_counter()
         seconds, self.seconds = now - self.interval_t0, now - self.t0
         check_finite(self.config, acc, self.stats.counts["skipped"], self.writer,
                      last_checkpoint)
         self.stats.add(acc, seconds)
         self.window.add(acc, seconds)
-        if step % self.config.train.log_every == 0:
+        if step % self.config.train.log_every == 0 or step % self.per_epoch == 0:
             means = self.window.means()
             self.writer.write({"kind": "train", "step": step, "epoch": self.stats.epoch,
-                               **means, "skipped": self.window.counts["skipped"]})
+                               **means, "steps": self.window.counts["steps"],
+                               "skipped": self.window.counts["skipped"]})
             if self.bar is not None:
                 self.bar.set_postfix({k: f"{means[k]:.3g}" for k in
                                       ("loss", "accuracy", "fwd_steps", "bwd_steps")

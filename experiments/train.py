@@ -8,8 +8,9 @@ the non-finite-step policy), ``experiments.checkpoints`` (orbax checkpoints in
 in the workdir).
 
 Metrics stay on the device and reach the host once per ``train.log_every`` steps, before each
-checkpoint and at the end of each epoch; the ``train`` lines of ``metrics.jsonl`` are means
-over the steps since the previous line.
+checkpoint and at the end of each epoch; the ``train`` lines of ``metrics.jsonl`` (one every
+``train.log_every`` steps and one at each epoch end) are means over the steps since the
+previous line.
 
 Resuming: rerunning the same command with the same workdir restores the latest checkpoint and
 continues from it; batches and random keys are functions of ``(seed, epoch, step)`` only, so a

@@ -77,6 +77,17 @@ def test_smoke_run_end_to_end(smoke_runs):
     assert json.loads((tmp_path / "summary.json").read_text())["name"] == "smoke"
 
 
+def test_every_step_is_in_one_train_line(tmp_path, tfds_dir):
+    # 6 steps per epoch, a line every 4 steps: steps 5-6 and 11-12 end their epochs, so the
+    # epoch ends write the lines of those partial windows.
+    config = smoke_config(tfds_dir, **{"train.log_every": 4, "train.checkpoint_every": 1000})
+    train.train_and_evaluate(config, tmp_path)
+    lines = [r for r in train.read_metrics(tmp_path) if r["kind"] == "train"]
+    assert [(r["step"], r["epoch"], r["steps"]) for r in lines] == [
+        (4, 0, 4), (6, 0, 2), (8, 1, 2), (12, 1, 4)]
+    assert all(np.isfinite(r["loss"]) for r in lines)
+
+
 def test_deq_learns_the_digits(tmp_path, tfds_dir):
     # Small but real: the loss must fall and accuracy rise well above chance (10%).
     config = smoke_config(tfds_dir, **{"data.limit_train": 0, "data.limit_test": 0,
