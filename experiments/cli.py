@@ -35,6 +35,29 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
 
 # ------------------------------------------------------------------------------------------
+# The experiments extra
+
+# What ``deq-train`` and ``deq-compare`` import as they start (``pip install 'deq[experiments]'``
+# installs them; a plain ``pip install deq`` installs the commands without them).
+EXTRA_MODULES = ("absl", "ml_collections", "optax", "orbax", "tensorflow_datasets")
+
+
+def require_experiments_extra(prog: str) -> None:
+    """Exit 1 with a one-line message if a module of the experiments extra is missing."""
+    import importlib.util
+
+    for name in EXTRA_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ValueError, AttributeError):  # sys.modules[name] is None: import blocked
+            found = False
+        if not found:
+            print(f"{prog} needs the experiments extra: pip install 'deq[experiments]'",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------
 # Dotted field names: ``"solver.max_steps"``
 
 
@@ -257,7 +280,7 @@ def setup_console() -> None:
 def quiet_third_party_logs() -> None:
     """Orbax and TFDS log through absl (checkpoint steps at INFO, a "no dataset_info.json"
     warning before every first build): keep only their errors."""
-    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
+    for name in ("absl", "orbax", "tensorflow_datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(Exception):
         import tensorflow_datasets as tfds

@@ -24,10 +24,11 @@ import sys
 from pathlib import Path
 
 from experiments import cli
-from experiments.cli import load_config  # noqa: F401 - re-exported: compare.load_config
-from experiments.train import read_metrics
 
 PROG = "deq-compare"
+cli.require_experiments_extra(PROG)  # before the imports below, which need it
+
+from experiments.train import read_metrics  # noqa: E402
 
 
 def _fmt_bytes(n):
@@ -83,7 +84,7 @@ def markdown_table(summaries: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(workdirs: list[Path], names: list[str], out: Path) -> list[Path]:
+def plot(workdirs: list[Path], summaries: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +101,7 @@ def plot(workdirs: list[Path], names: list[str], out: Path) -> list[Path]:
         ("peak_memory_bytes", "peak device memory (bytes)", "epoch"),
     ]
     written = []
+    names = [s["name"] for s in summaries]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     for ax, (key, title, xlabel) in zip(axes.ravel(), panels):
         any_data = False
@@ -125,7 +127,7 @@ def plot(workdirs: list[Path], names: list[str], out: Path) -> list[Path]:
 
     # Memory bar chart: compiled temporary memory of one training step.
     fig, ax = plt.subplots(figsize=(6, 4))
-    mems = [summarize(wd).get("train_step_temp_bytes") or 0 for wd in workdirs]
+    mems = [s.get("train_step_temp_bytes") or 0 for s in summaries]
     ax.bar(names, [m / 2**20 for m in mems])
     ax.set_ylabel("MiB")
     ax.set_title("training-step memory (XLA compiled temporaries)")
@@ -138,12 +140,14 @@ def plot(workdirs: list[Path], names: list[str], out: Path) -> list[Path]:
 
 
 def compare(workdirs: list[Path], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the comparison of ``workdirs`` into ``out``; return the markdown table. A missing
+    or unfinished run fails before anything is written."""
     summaries = [summarize(wd) for wd in workdirs]
+    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summaries)
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(summaries, indent=1))
-    plot(workdirs, [s["name"] for s in summaries], out)
+    plot(workdirs, summaries, out)
     return table
 
 
@@ -157,10 +161,8 @@ def main(argv=None):
     parser.add_argument("--workdir", default="runs", help="parent workdir for --configs")
     parser.add_argument("--runs", default="", help="comma-separated existing workdirs to read")
     parser.add_argument("--out", default="", help="output folder (default <workdir>/compare)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help=argparse.SUPPRESS)  # same as --config.FIELD=VALUE
     args, rest = parser.parse_known_args(argv)
-    overrides = [f"config.{s}" for s in args.set]
+    overrides = []
     while rest:
         arg = rest.pop(0)
         if not arg.startswith("--config."):
@@ -171,7 +173,7 @@ def main(argv=None):
         overrides.append(arg)
     workdirs = [Path(r) for r in args.runs.split(",") if r]
     with cli.short_errors(PROG):
-        configs = [load_config(c, overrides) for c in args.configs.split(",") if c]
+        configs = [cli.load_config(c, overrides) for c in args.configs.split(",") if c]
         if overrides and not configs:
             raise cli.ConfigError("--config.FIELD=VALUE overrides apply to --configs only.")
         if configs:
@@ -187,8 +189,6 @@ def main(argv=None):
         if not workdirs:
             parser.error("give --configs to run, or --runs to read")
         out = Path(args.out) if args.out else Path(args.workdir) / "compare"
-        for wd in workdirs:
-            summarize(wd)  # a missing or unfinished run fails before anything is written
         table = compare(workdirs, out)
     print(table)
     print(f"\nwrote {out}/comparison.md, comparison.json, comparison.png, memory.png")

@@ -19,12 +19,14 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
 from experiments import cli
 
 PROG = "deq-train"
+cli.require_experiments_extra(PROG)  # before the imports below, which need it
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import compare, configuration, train
-from experiments.cli import ConfigError, config_fields, get_field, set_fields
-from experiments.compare import load_config
+from experiments.cli import ConfigError, config_fields, get_field, load_config, set_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -351,7 +350,7 @@ _SHARDED = """
 import json, sys
 import jax
 from experiments import train
-from experiments.compare import load_config
+from experiments.cli import load_config
 config = load_config(sys.argv[1], ["data.tfds_dir=" + sys.argv[2], "train.num_epochs=1"])
 summary = train.train_and_evaluate(config, sys.argv[3])
 step, state = train.load_checkpoint(sys.argv[3])
@@ -400,8 +399,13 @@ def test_padding_rows_leave_the_eval_solve_statistics_unchanged(tfds_dir):
     np.testing.assert_allclose(padded["loss_sum"], real["loss_sum"], rtol=1e-5)
 
 
-def test_compare_writes_table_and_plots(tmp_path, smoke_runs):
+def test_compare_writes_table_and_plots(tmp_path, smoke_runs, monkeypatch):
+    read = []
+    summarize = compare.summarize
+    monkeypatch.setattr(compare, "summarize", lambda wd: read.append(wd) or summarize(wd))
     table = compare.compare([smoke_runs / "smoke", smoke_runs / "smoke_unrolled"], tmp_path)
+    assert read == [smoke_runs / "smoke", smoke_runs / "smoke_unrolled"]  # each read once
+    monkeypatch.undo()
     assert "| smoke | deq |" in table and "| smoke_unrolled | unrolled |" in table
     assert "Machine:" in table
     for f in ("comparison.md", "comparison.json", "comparison.png", "memory.png"):
@@ -610,6 +614,39 @@ def test_unknown_or_mistyped_field_is_a_short_error(tmp_path, module, args, need
                 module=module)
     _short_error(proc, 2, *needles, max_lines=1)
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_has_one_override_syntax(tmp_path):
+    proc = _cli("--configs", ROOT / "configs/smoke.py", "--workdir", tmp_path,
+                "--set", "train.num_epochs=1", module="experiments.compare")
+    _short_error(proc, 2, "unexpected argument '--set'", "--config.FIELD=VALUE", max_lines=1)
+
+
+_WITHOUT_THE_EXTRA = """
+import sys
+sys.modules["ml_collections"] = None  # as after a plain `pip install deq`
+sys.argv = [sys.argv[1]]
+import experiments.{module}
+"""
+
+
+@pytest.mark.parametrize("module,prog", [("main", "deq-train"), ("compare", "deq-compare")])
+def test_commands_without_the_experiments_extra_say_what_to_install(module, prog):
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_THE_EXTRA.format(module=module), prog],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr == f"{prog} needs the experiments extra: pip install 'deq[experiments]'\n"
+
+
+def test_console_setup_keeps_jax_backend_warnings():
+    # "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not
+    # installed" is a warning of jax._src.xla_bridge: a user must see it.
+    import logging
+
+    from experiments import cli
+
+    cli.quiet_third_party_logs()
+    assert logging.getLogger("jax._src.xla_bridge").getEffectiveLevel() <= logging.WARNING
 
 
 def test_missing_config_file_is_a_short_error(tmp_path):
