@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -258,18 +256,11 @@ def epoch_line(r: dict, num_epochs: int) -> str:
 
 
 def machine_description() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if dev.platform == "cpu":
-        return f"CPU: {cpu}, {os.cpu_count()} cores, {jax.device_count()} JAX device(s)"
-    return f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), host CPU {cpu}"
+    """The machine in one line, as the result sets name it (``reproduce.machine_name``), with
+    the number of JAX devices."""
+    from experiments import reproduce
+
+    return f"{reproduce.machine_name(reproduce.machine())}, {jax.device_count()} JAX device(s)"
 
 
 def run_info(config, compiled, compile_seconds: float, num_params: int,

@@ -706,6 +706,14 @@ def test_config_files_load_without_an_installed_configs_package(tmp_path):
     assert out.stdout.split() == ["mnist_unrolled", "unrolled", "1"]
 
 
+def test_machine_description_names_the_machine_as_the_result_sets_do():
+    from experiments import reproduce
+
+    described = train.machine_description()
+    assert described == (f"{reproduce.machine_name(reproduce.machine())}, "
+                         f"{jax.device_count()} JAX device(s)")
+
+
 def test_dotted_field_helpers():
     config = load_config(str(ROOT / "configs" / "smoke.py"))
     set_fields(config, {"solver.max_steps": 3, "name": "x"})
