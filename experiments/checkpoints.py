@@ -15,8 +15,8 @@ the bad step directory out of ``checkpoints/`` and rerun: the run resumes from t
 It never falls back by itself: a corrupt checkpoint is worth a look before work is redone.
 Errors from orbax/TensorStore are summarised to their first line; their logs are silenced.
 
-Checkpoints written before digests existed (a single ``default`` item) still restore, with a
-warning that they cannot be verified.
+State-only checkpoints (a single ``default`` item, no ``meta``) restore with a warning that
+they cannot be verified.
 """
 
 from __future__ import annotations
@@ -189,12 +189,15 @@ def _paragraph(manager, step, step_dir: Path, what: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """``<type>: <first line of the message>``, without TensorStore's spec dumps, cut at 300
+    characters (``[...]``) and without a final full stop, for the caller's sentence to add."""
     text = str(e).strip().splitlines()
     line = text[0] if text else ""
     for noise in (" See full TensorStore details", " [tensorstore_spec"):
         line = line.split(noise)[0]
     if len(line) > 300:
-        line = line[:300] + " ..."
+        line = line[:300].rstrip(" .") + " [...]"
+    line = line.rstrip(" .")
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 

@@ -71,7 +71,9 @@ def new_metrics() -> dict:
 
 
 def _add(acc: dict, step, finite, metrics: dict) -> dict:
-    first = finite | (acc["first_bad"] >= 0)  # not the interval's first non-finite step
+    # Keep the recorded first non-finite step (and its values): this step is finite, or an
+    # earlier step of the interval was not.
+    keep_recorded = finite | (acc["first_bad"] >= 0)
     zero = lambda v: jnp.where(finite, v, 0).astype(jnp.float32)  # noqa: E731
     return {
         "sums": {k: acc["sums"][k] + zero(metrics[k]) for k in METRICS},
@@ -81,8 +83,8 @@ def _add(acc: dict, step, finite, metrics: dict) -> dict:
         "skipped": acc["skipped"] + (~finite).astype(jnp.int32),
         "fwd_unconverged": acc["fwd_unconverged"] + (finite & ~metrics["fwd_converged"]),
         "bwd_unconverged": acc["bwd_unconverged"] + (finite & ~metrics["bwd_converged"]),
-        "first_bad": jnp.where(first, acc["first_bad"], step + 1).astype(jnp.int32),
-        "bad": {k: jnp.where(first, acc["bad"][k], metrics[k]).astype(jnp.float32)
+        "first_bad": jnp.where(keep_recorded, acc["first_bad"], step + 1).astype(jnp.int32),
+        "bad": {k: jnp.where(keep_recorded, acc["bad"][k], metrics[k]).astype(jnp.float32)
                 for k in BAD_VALUES},
     }
 

@@ -535,6 +535,15 @@ def test_truncated_checkpoint_file_is_a_one_paragraph_error(tmp_path, tfds_dir, 
     assert "\n" not in message and len(message) < 1200 and "tensorstore_spec" not in message
 
 
+@pytest.mark.parametrize("message", ["Checksum mismatch.", "x" * 299 + ". more text",
+                                     "y" * 400 + "..."])
+def test_orbax_messages_end_in_one_full_stop(message):
+    from experiments import checkpoints
+
+    sentence = f"cannot restore: {checkpoints._first_line(ValueError(message))}."
+    assert sentence.endswith(".") and not sentence.endswith("..") and len(sentence) < 340
+
+
 def test_nonfinite_checkpoint_values_are_refused(tmp_path):
     import jax.numpy as jnp
 
