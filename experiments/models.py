@@ -151,13 +151,17 @@ class Classifier(nnx.Module):
             head_in *= -(-h // down) * -(-w // down)
         self.head = nnx.Linear(head_in, num_classes, rngs=rngs)
 
+    def deq_input(self, images: jax.Array) -> jax.Array:
+        """The input ``x`` the DEQ layer's cell sees for these images."""
+        if self.kind == "mlp":
+            return images.reshape(images.shape[0], -1)
+        return jax.nn.relu(self.stem_norm(self.stem(images)))
+
     def __call__(self, images: jax.Array, *, probe: jax.Array | None = None,
                  key: jax.Array | None = None) -> jax.Array:
+        z = self.deq(self.deq_input(images), probe=probe, rngs=key)
         if self.kind == "mlp":
-            x = images.reshape(images.shape[0], -1)
-            return self.head(self.deq(x, probe=probe, rngs=key))
-        x = jax.nn.relu(self.stem_norm(self.stem(images)))
-        z = self.deq(x, probe=probe, rngs=key)
+            return self.head(z)
         coarse = None
         if self.kind == "mdeq_multiscale":
             z, coarse = z[0], self.coarse_norm(z[1])
