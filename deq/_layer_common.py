@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deq._adjoint import Adjoint
+from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats
 from deq._solvers import ForwardSolver
@@ -228,6 +228,9 @@ class CallOptions(NamedTuple):
             solver = options.eval_solver if options.eval_solver is not None else solver
             max_steps = options.eval_max_steps or max_steps
         warn = options.warn_unconverged_after
+        # Unrolled backprop runs a fixed number of steps: convergence is not its contract.
+        if isinstance(options.adjoint, UnrolledAdjoint):
+            warn = None
         return cls(
             layer=layer, z_init=options.z_init, batched=bool(options.batched),
             precision=options.precision, solver=solver, adjoint=options.adjoint,

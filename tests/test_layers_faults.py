@@ -272,6 +272,13 @@ def test_warns_once_when_training_solves_keep_failing():
         NNX.forward(layer, x)
     jax.effects_barrier()
     assert not common._unconverged_counts
+    # Unrolled backprop runs a fixed number of steps: its solves are not watched either.
+    layer, x, _ = NNX.mlp(solver=deq.FixedPointIteration(), adjoint=deq.UnrolledAdjoint(),
+                          max_steps=2, warn_unconverged_after=1)
+    for _ in range(3):
+        NNX.forward(layer, x)
+    jax.effects_barrier()
+    assert not common._unconverged_counts
 
 
 # ---- options --------------------------------------------------------------------------------
