@@ -217,26 +217,17 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
 # Trained models: compute-accuracy curve and forward solvers on the trained cell
 
 
-def _set_fields(config, fields: dict) -> None:
-    for key, value in fields.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-
-
 def _eval_model(wd: Path, **overrides):
     """The evaluation model described by a run's stored config (plus overrides), its test set."""
     from flax import nnx
 
     from experiments import data as data_lib
     from experiments import models
-    from experiments.cli import load_config
+    from experiments.cli import load_config, set_fields
 
     config = load_config(str(ROOT / "configs" / "default.py"))
-    _set_fields(config, json.loads((wd / "config.json").read_text()))
-    _set_fields(config, overrides)
+    set_fields(config, json.loads((wd / "config.json").read_text()))
+    set_fields(config, overrides)
     _, test, info = data_lib.load_dataset(
         config.data.name, data_dir=config.data.dir or None,
         tfds_dir=config.data.tfds_dir or None, limit_test=config.data.limit_test or None,
@@ -365,7 +356,6 @@ def solver_steps(wd: Path) -> dict:
     out = {}
     for name, solver in solvers.items():
 
-        @jax.jit
         def one(x, st, solver=solver):
             z0 = jnp.zeros(layer.cell.state_shape(x.shape)) if hasattr(
                 layer.cell, "state_shape") else jnp.zeros_like(x)
