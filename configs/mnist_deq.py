@@ -13,14 +13,13 @@ def get_config():
     config.model.stem_stride = 2  # 28x28 -> 14x14
     config.model.z_init = "zeros"
     config.model.head_channels = 64
-    # The head sees every position of the 7x7x64 map: global average pooling (model.head=
-    # 'pool') throws away where the strokes are and caps this DEQ and its baseline near 97.5%
-    # (experiments/results/mnist_pool_head).
+    # The head sees every position of the 7x7x64 map; global average pooling (model.head=
+    # 'pool') would throw away where the strokes are.
     config.model.head = "flatten"
     config.solver.max_steps = 12
     config.solver.rtol = 1e-3
     config.solver.eval_max_steps = 30
-    # Remedies for stable DEQ training (see README, "Why the naive DEQ falls behind"):
+    # Remedies for stable DEQ training:
     # Jacobian regularisation keeps the cell contractive, so the forward and adjoint solves
     # keep converging within their budgets; estimated on 32 samples of each batch to keep the
     # step's memory low. Plain iteration for the adjoint needs no history buffers (memory).

@@ -4,6 +4,7 @@ Usage::
 
   python -m experiments.reproduce digits                  # 5 seeds x (DEQ, unrolled), ~5 min
   python -m experiments.reproduce mnist --mnist-dir DIR   # 2 seeds x (DEQ, unrolled)
+  python -m experiments.reproduce mnist_multiscale --mnist-dir DIR  # 1 seed, 200-step runs
   python -m experiments.reproduce stale                   # list result sets to rerun
   python -m experiments.reproduce readme                  # rewrite the README's results block
 
@@ -39,8 +40,19 @@ CODE_PATHS = ("deq", "experiments", "configs", "pyproject.toml")
 SETS = {
     "digits": ("configs/digits_deq.py", "configs/digits_unrolled.py"),
     "mnist": ("configs/mnist_deq.py", "configs/mnist_unrolled.py"),
+    "mnist_multiscale": ("configs/mnist_multiscale_deq.py", "configs/mnist_multiscale_unrolled.py"),
 }
-DEFAULT_SEEDS = {"digits": 5, "mnist": 2}
+DEFAULT_SEEDS = {"digits": 5, "mnist": 2, "mnist_multiscale": 1}
+TITLES = {"digits": "Embedded digits", "mnist": "MNIST"}
+# The multiscale cell costs ~10x the single-scale step on a CPU: its set is a short run (the
+# first SHORT_RUN_STEPS steps of batch 128, one epoch over that many images), without the
+# compute-accuracy curves and the solver table.
+SHORT_RUN_STEPS = 200
+SET_OVERRIDES = {"mnist_multiscale": [f"data.limit_train={SHORT_RUN_STEPS * 128}",
+                                      "train.batch_size=128", "train.num_epochs=1",
+                                      "optim.warmup_steps=50"]}
+TITLES["mnist_multiscale"] = f"MNIST, multiscale cell, {SHORT_RUN_STEPS}-step runs"
+WITH_CURVES = ("digits", "mnist")
 STEPS_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 50)
 SOLVER_RTOL = 1e-4
 SOLVER_MAX_STEPS = 200
@@ -170,7 +182,12 @@ def seeds_table(runs: dict[str, list[Path]]) -> dict:
 
 
 def _pct(ms: dict) -> str:
-    return f"{100 * ms['mean']:.2f}% +- {100 * ms['std']:.2f}"
+    return f"{100 * ms['mean']:.2f}%" + (f" +- {100 * ms['std']:.2f}" if ms["n"] > 1 else "")
+
+
+def _points(ms: dict) -> str:
+    """A mean difference in points, with its spread when there is one."""
+    return f"{100 * ms['mean']:+.2f}" + (f" +- {100 * ms['std']:.2f}" if ms["n"] > 1 else "")
 
 
 def write_seed_tables(out: Path, runs: dict[str, list[Path]], machine_str: str) -> str:
@@ -203,8 +220,8 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
     d = agg["paired_difference"]
     lines += [
         "",
-        f"Paired difference DEQ - unrolled (same seed): {100 * d['mean']:+.2f} +- "
-        f"{100 * d['std']:.2f} points over {d['n']} seeds "
+        f"Paired difference DEQ - unrolled (same seed): {_points(d)} points over "
+        f"{_seeds(d['n'])} "
         f"(per seed: {', '.join(f'{100 * x:+.2f}' for x in d['per_seed'])}). "
         f"Train-step memory DEQ / unrolled: {agg['memory_ratio']:.2f}x.",
         "",
@@ -413,6 +430,10 @@ def _prov_line(prov: dict | None, stale: str | None, rerun: str) -> str:
     return f"{where}; stale, {stale}: rerun `{prov['command']}`" if stale else where
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]:
     seeds = results / name / "seeds.json"
     if not seeds.exists():
@@ -423,11 +444,11 @@ def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]
     agg, d = table["aggregate"], table["aggregate"]["paired_difference"]
     where = _prov_line(prov, stale.get(name), f"python -m experiments.reproduce {name}")
     lines = [
-        f"- **{title}**, {agg['deq']['test_accuracy']['n']} seeds each "
+        f"- **{title}**, {_seeds(agg['deq']['test_accuracy']['n'])} each "
         f"([tables and plots](experiments/results/{name}/); {where}):"
         f" test accuracy DEQ {_pct(agg['deq']['test_accuracy'])}, unrolled "
         f"{_pct(agg['unrolled']['test_accuracy'])}; paired difference DEQ - unrolled "
-        f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points; train-step memory "
+        f"{_points(d)} points; train-step memory "
         f"{agg['memory_ratio']:.2f}x of the unrolled network's; train step "
         f"{1e3 * agg['deq']['median_step_time']['mean']:.1f} ms vs "
         f"{1e3 * agg['unrolled']['median_step_time']['mean']:.1f} ms."
@@ -538,8 +559,8 @@ def readme_block(results: Path = RESULTS) -> str:
     """The README's results summary, generated from the result files (never hand-copied)."""
     stale = stale_sets(results)
     parts = [
-        *_seeds_lines("digits", "Embedded digits", results, stale),
-        *_seeds_lines("mnist", "MNIST", results, stale),
+        *(line for name, title in TITLES.items()
+          for line in _seeds_lines(name, title, results, stale)),
         *_bench_core_lines(results, stale),
         *_bench_eager_lines(results, stale),
         *_bench_own_cell_lines(results, stale),
@@ -571,11 +592,16 @@ def run_set(name: str, seeds: int, workdir: Path, overrides: list[str], command:
     out.mkdir(parents=True, exist_ok=True)
     deq_cfg, unrolled_cfg = SETS[name]
     runs = {"deq": [], "unrolled": []}
+    overrides = [*SET_OVERRIDES.get(name, []), *overrides]
     for seed in range(seeds):
         runs["deq"].append(_train(deq_cfg, seed, workdir / name, overrides))
         runs["unrolled"].append(_train(unrolled_cfg, seed, workdir / name, overrides))
     machine_str = machine_name(prov["machine"])
     print(write_seed_tables(out, runs, machine_str), flush=True)
+    if name not in WITH_CURVES:
+        (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+        print(f"\nwrote {out}")
+        return
     print("== compute-accuracy curves", flush=True)
     compute_accuracy(runs, out, machine_str)
     print("== forward solvers on the trained cells", flush=True)
@@ -595,7 +621,8 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", choices=[*SETS, "stale", "readme"])
     parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds, 0..N-1 (default: 5 digits, 2 mnist)")
+                        help="number of seeds, 0..N-1 (default: 5 digits, 2 mnist, "
+                             "1 mnist_multiscale)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/reproduce"),
                         help="where the training runs go (default runs/reproduce)")
     parser.add_argument("--mnist-dir", default=os.environ.get("DEQ_MNIST_DIR", ""),
@@ -620,7 +647,7 @@ def main(argv=None) -> int:
         print("README results block " + ("updated." if changed else "already up to date."))
         return 0
     overrides = [a.removeprefix("--") for a in rest]
-    if args.set == "mnist":
+    if args.set.startswith("mnist"):
         if not args.mnist_dir or not Path(args.mnist_dir).is_dir():
             parser.error("the mnist set needs --mnist-dir DIR (or DEQ_MNIST_DIR) with the "
                          "MNIST IDX files")

@@ -244,7 +244,7 @@ def test_every_config_stored_in_a_workdir_resumes(tmp_path, name):
 def test_run_stored_before_a_field_was_added_still_resumes(tmp_path):
     config = load_config(str(ROOT / "configs" / "smoke.py"))
     stored = config_fields(config.to_dict())
-    del stored["model.head"]  # as in experiments/results/mnist_pool_head/*/config.json
+    del stored["model.head"]  # a run stored before model.head existed
     (tmp_path / "config.json").write_text(json.dumps(stored))
     configuration.check_stored_config(config, tmp_path)  # 'pool' is what those runs computed
     config.model.head = "flatten"
