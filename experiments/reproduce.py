@@ -434,6 +434,19 @@ def _seeds(n: int) -> str:
     return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
+def _verdict(d: dict) -> str:
+    """What the paired accuracy difference shows, given its spread over seeds."""
+    if d["n"] < 2:
+        return "One seed: no spread, so no accuracy difference can be read from it."
+    se = d["std"] / np.sqrt(d["n"])
+    if abs(d["mean"]) <= 2 * se:
+        return (f"The difference is within two standard errors (s.e. {100 * se:.2f} points) of "
+                f"zero: at {d['n']} seeds the two networks' accuracies are not told apart.")
+    side = "ahead of" if d["mean"] > 0 else "behind"
+    return (f"The DEQ is {side} its unrolled baseline by more than two standard errors "
+            f"(s.e. {100 * se:.2f} points) over {d['n']} seeds.")
+
+
 def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]:
     seeds = results / name / "seeds.json"
     if not seeds.exists():
@@ -451,7 +464,7 @@ def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]
         f"{_points(d)} points; train-step memory "
         f"{agg['memory_ratio']:.2f}x of the unrolled network's; train step "
         f"{1e3 * agg['deq']['median_step_time']['mean']:.1f} ms vs "
-        f"{1e3 * agg['unrolled']['median_step_time']['mean']:.1f} ms."
+        f"{1e3 * agg['unrolled']['median_step_time']['mean']:.1f} ms. {_verdict(d)}"
     ]
     curves = results / name / "compute_accuracy.json"
     if curves.exists():
