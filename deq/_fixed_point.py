@@ -118,6 +118,8 @@ def fixed_point(
       >>> bool(sol.stats.converged)
       True
       >>> grad_w = jax.grad(lambda w: deq.fixed_point(f, jnp.zeros(3), (w, x)).value.sum())(w)
+      >>> grad_w.shape
+      (3, 3)
     """
     solver = Anderson() if solver is None else solver
     adjoint = ImplicitAdjoint() if adjoint is None else adjoint
