@@ -72,6 +72,32 @@ REASONS = {
 }
 
 
+# The options both layers (deq.nnx.DEQ, deq.linen.DEQ) document, at "{layer_options}".
+LAYER_OPTIONS_DOC = """\
+solver: forward solver (default :class:`deq.Anderson`).
+adjoint: backward mode (default :class:`deq.ImplicitAdjoint`).
+max_steps: budget of cell evaluations of the forward solve; default 30, below
+  ``deq.fixed_point``'s 50, as the solve runs on every training step.
+z_init: starting point ``z0``: ``"zeros"`` (shape ``cell.state_shape(x.shape)`` if the
+  cell defines it, else ``x.shape``), the name of a cell method applied to ``x`` (e.g.
+  ``"inject"``), or a callable ``x -> z0`` that does not use the cell's parameters.
+batched: the leading axis of ``z`` is a batch of independent samples; each sample stops
+  when it has converged. Set False for an unbatched ``x`` (e.g. under ``vmap``).
+precision: matmul precision inside the solves (e.g. ``"highest"``), see
+  :func:`deq.fixed_point`.
+jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
+jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
+  batch (still unbiased; its second-order backward pass is the expensive part).
+eval_solver: forward solver in evaluation mode (default: ``solver``).
+eval_max_steps: budget of the forward solve in evaluation mode (default:
+  ``max_steps``). Evaluation often needs a tighter solve than training, which can live
+  with a few unconverged steps; the stats' traces have length
+  ``max(max_steps, eval_max_steps)``.
+warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many training
+  solves of layers with this cell class have stopped unconverged; None never warns.
+"""
+
+
 class LayerStats(NamedTuple):
     """Statistics of a DEQ layer's forward solve, in shapes that do not depend on the input.
 

@@ -13,6 +13,7 @@ from flax.errors import InvalidRngError
 
 from deq import _layer_common as common
 from deq._adjoint import Adjoint
+from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
 
 _NAME = "deq.linen.DEQ"
@@ -80,6 +81,7 @@ def _deterministic(attribute: bool | None, argument: bool | None) -> bool:
     return bool(nn.merge_param("deterministic", attribute, argument))
 
 
+@with_shared_doc(layer_options=common.LAYER_OPTIONS_DOC)
 class DEQ(nn.Module):
     r"""Deep equilibrium layer: returns :math:`z^* = f(z^*, x)` for a Linen cell ``f(z, x)``.
 
@@ -116,27 +118,10 @@ class DEQ(nn.Module):
 
     Attributes:
       cell: a Linen module called as ``cell(z, x)`` returning a ``z``-shaped output.
-      solver: forward solver (default :class:`deq.Anderson`).
-      adjoint: backward mode (default :class:`deq.ImplicitAdjoint`).
-      max_steps: budget of cell evaluations of the forward solve; default 30, below
-        ``deq.fixed_point``'s 50, as the solve runs on every training step.
-      z_init: starting point ``z0``: ``"zeros"`` (shape ``cell.state_shape(x.shape)`` if the
-        cell defines it, else ``x.shape``), the name of a cell method applied to ``x`` (e.g.
-        ``"inject"``), or a callable ``x -> z0`` that does not use the cell's parameters.
-      batched: the leading axis of ``z`` is a batch of independent samples; each sample stops
-        when it has converged. Set False for an unbatched ``x`` (e.g. under ``vmap``).
-      precision: matmul precision inside the solves (e.g. ``"highest"``).
-      jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
-      jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
-        batch (still unbiased; its second-order backward pass is the expensive part).
+      {layer_options}
       deterministic: evaluation mode (the ``eval_*`` settings, no Jacobian penalty, no
         counting of unconverged solves); may instead be passed to the call. Unset in both
         places: training.
-      eval_solver: forward solver in evaluation mode (default: ``solver``).
-      eval_max_steps: budget of the forward solve in evaluation mode (default:
-        ``max_steps``); the stats' traces have length ``max(max_steps, eval_max_steps)``.
-      warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many training
-        solves of layers with this cell class have stopped unconverged; None never warns.
 
     Example usage::
 

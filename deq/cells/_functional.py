@@ -24,6 +24,25 @@ import jax.numpy as jnp
 
 Params = dict
 
+# The options of MDEQCell and MultiscaleMDEQCell that their NNX and Linen classes document.
+MDEQ_OPTIONS_DOC = """\
+channels: channels of ``z``.
+hidden_channels: channels between the two convolutions (default ``channels``).
+kernel_size: size of the square kernels.
+num_groups: GroupNorm groups; must divide ``channels`` and ``hidden_channels``.
+weight_norm: weight-normalise the convolutions.
+param_dtype: dtype of the parameters.
+"""
+MULTISCALE_OPTIONS_DOC = """\
+channels: channels per branch, finest first, e.g. ``(16, 32)``.
+hidden_channels: channels inside each branch's block (default ``channels``).
+kernel_size: kernel of the blocks' convolutions and of the injection.
+num_groups: GroupNorm groups; must divide every channel count.
+weight_norm: weight-normalise the convolutions.
+fuse_scale: initial gain of the fusion's GroupNorms.
+param_dtype: dtype of the parameters.
+"""
+
 
 def weight_norm_scale(v: jax.Array, init_scale: float = 1.0) -> jax.Array:
     """``init_scale`` times the per-output-channel norm of a kernel (all axes but the last).

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deq._docs import with_shared_doc
 from deq.cells import _functional as F
 
 
@@ -67,6 +68,7 @@ class MLPCell(nn.Module):
         return F.mlp_cell(p, z, x, self.activation)
 
 
+@with_shared_doc(mdeq_options=F.MDEQ_OPTIONS_DOC)
 class MDEQCell(nn.Module):
     r"""MDEQ-style convolutional residual cell (Bai et al., 2020), channels last.
 
@@ -76,12 +78,7 @@ class MDEQCell(nn.Module):
     See :class:`deq.cells.nnx.MDEQCell`; parameters have the same names and shapes.
 
     Attributes:
-      channels: channels of ``z``.
-      hidden_channels: channels between the two convolutions (default ``channels``).
-      kernel_size: size of the square kernels.
-      num_groups: GroupNorm groups; must divide ``channels`` and ``hidden_channels``.
-      weight_norm: weight-normalise the convolutions.
-      param_dtype: dtype of the parameters.
+      {mdeq_options}
 
     Example usage::
 
@@ -122,19 +119,14 @@ class MDEQCell(nn.Module):
         return F.mdeq_cell(p, z, x, self.num_groups)
 
 
+@with_shared_doc(multiscale_options=F.MULTISCALE_OPTIONS_DOC)
 class MultiscaleMDEQCell(nn.Module):
     r"""Multiscale MDEQ cell (Bai et al., 2020): a tuple state at 2 or more resolutions.
 
     See :class:`deq.cells.nnx.MultiscaleMDEQCell`; parameters have the same names and shapes.
 
     Attributes:
-      channels: channels per branch, finest first, e.g. ``(16, 32)``.
-      hidden_channels: channels inside each branch's block (default ``channels``).
-      kernel_size: kernel of the blocks' convolutions and of the injection.
-      num_groups: GroupNorm groups; must divide every channel count.
-      weight_norm: weight-normalise the convolutions.
-      fuse_scale: initial gain of the fusion's GroupNorms.
-      param_dtype: dtype of the parameters.
+      {multiscale_options}
 
     Example usage::
 

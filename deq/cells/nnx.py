@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deq._docs import with_shared_doc
 from deq.cells import _functional as F
 
 
@@ -85,6 +86,7 @@ class MLPCell(_ParamCell):
         return F.mlp_cell(self._params(), z, x, self.activation)
 
 
+@with_shared_doc(mdeq_options=F.MDEQ_OPTIONS_DOC)
 class MDEQCell(_ParamCell):
     r"""MDEQ-style convolutional residual cell (Bai et al., 2020), channels last.
 
@@ -101,12 +103,7 @@ class MDEQCell(_ParamCell):
 
     Args:
       in_channels: channels of ``x``.
-      channels: channels of ``z``.
-      hidden_channels: channels between the two convolutions (default ``channels``).
-      kernel_size: size of the square kernels.
-      num_groups: GroupNorm groups; must divide ``channels`` and ``hidden_channels``.
-      weight_norm: weight-normalise the convolutions.
-      param_dtype: dtype of the parameters.
+      {mdeq_options}
       rngs: ``nnx.Rngs`` with a ``params`` (or default) stream.
 
     Example usage::
@@ -159,6 +156,7 @@ def _multiscale_options(channels, hidden_channels, num_groups):
     return channels, hidden
 
 
+@with_shared_doc(multiscale_options=F.MULTISCALE_OPTIONS_DOC)
 class MultiscaleMDEQCell(_ParamCell):
     r"""Multiscale MDEQ cell (Bai et al., 2020): a tuple state at 2 or more resolutions.
 
@@ -185,13 +183,7 @@ class MultiscaleMDEQCell(_ParamCell):
 
     Args:
       in_channels: channels of ``x`` (which has the resolution of branch 0).
-      channels: channels per branch, finest first, e.g. ``(16, 32)``.
-      hidden_channels: channels inside each branch's block (default ``channels``).
-      kernel_size: kernel of the blocks' convolutions and of the injection.
-      num_groups: GroupNorm groups; must divide every channel count.
-      weight_norm: weight-normalise the convolutions.
-      fuse_scale: initial gain of the fusion's GroupNorms.
-      param_dtype: dtype of the parameters.
+      {multiscale_options}
       rngs: ``nnx.Rngs`` with a ``params`` (or default) stream.
 
     Example usage::
