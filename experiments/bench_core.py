@@ -1,29 +1,9 @@
 """Benchmark of the deq core on a conv DEQ cell: forward solvers, training steps, memory, peers.
 
-The cell ``z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`` (NHWC, the injection computed
-outside the solve) has its recurrent kernels scaled so that plain iteration needs about 30 steps
-to a relative residual of 1e-4. Measured: each forward solver's steps, residual and time; one
-training step (MSE of ``z*`` to a random target) per adjoint, unrolled backprop and the jaxopt /
-optimistix peers (if installed): time (median, all timed round-robin), XLA's compiled temporary
-memory, forward/adjoint steps, gradient error vs a tight reference; the implicit step's memory
-at two forward budgets; ratios vs the peers and vs unrolled. Written to ``--out`` as markdown,
-JSON and ``provenance.json``.
-
-Tolerances across libraries. deq stops per sample (``batched=True``) when
-``|f(z_i) - z_i| <= 1e-4 |f(z_i)|``. jaxopt's ``tol`` is absolute on the whole batch (L2) and
-optimistix's is elementwise by default, so both get an absolute L2 tolerance calibrated on this
-batch: ``1e-4 * ||z*||_2`` (forward) and ``1e-4 * ||dL/dz*||_2`` (backward); that is the same
-relative rule on the whole batch, a weaker one than deq's per-sample rule.
-
-``--precision`` sets JAX's matmul/conv precision of everything measured; the kernel scale and the
-reference gradient are always computed at 'highest'. ``--conv-vjp hwio`` differentiates the
-convs with :func:`deq.cells.conv2d_same` (same gradient, without XLA:CPU's slow transposed
-convolutions inside loops, for every library alike)::
-
-    python -m experiments.bench_core --conv-vjp hwio       # CPU: batch 32, 16 channels, 28x28
-    python -m experiments.bench_core --batch 128 --channels 64 --precision default   # GPU, and
-    python -m experiments.bench_core --batch 128 --channels 64 --precision highest   # the same
-    python -m experiments.bench_core --quick --out /tmp/b  # tiny smoke run
+Cell ``z -> tanh(conv3x3(relu(conv3x3(z))) + conv3x3(x))`` (NHWC), kernels scaled to ~30 plain
+iteration steps at rtol 1e-4; the peers (jaxopt, optimistix) get the matching absolute L2
+tolerance on the batch. E.g. ``--conv-vjp hwio`` (CPU), ``--batch 128 --channels 64 --precision
+default|highest`` (GPU), ``--quick --out /tmp/b`` (smoke run); the tables are in the markdown.
 """
 
 from __future__ import annotations
@@ -67,11 +47,8 @@ LABELS = {"iteration": "FixedPointIteration", "damped": f"FixedPointIteration(da
           "gmres": "GMRES"}
 HWIO_NOTE = (" (deq.cells.conv2d_same: the same gradient, written as plain convolutions and "
              "per-offset matmuls, which XLA:CPU runs fast inside loops; for every library)")
-CONVS = {  # --conv-vjp: how the cell's convolutions are differentiated
-    "jax": lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
-    "hwio": conv2d_same,
-}
+CONVS = {"jax": lambda x, w: jax.lax.conv_general_dilated(  # --conv-vjp: how convs differentiate
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), "hwio": conv2d_same}
 
 
 def solver(name: str, rtol: float = RTOL, **overrides):
@@ -86,15 +63,13 @@ def solver(name: str, rtol: float = RTOL, **overrides):
 
 class Problem(NamedTuple):
     """The cell's parameters, one batch and a loss target; the conv and matmul precision."""
-
     params: dict  # w1, b1, w2, b2: the recurrent convs; wx, bx: the injection
     x: jax.Array
     target: jax.Array
     conv: Callable = CONVS["jax"]
     precision: str | None = None  # of deq.fixed_point; None: JAX's default
 
-    def split(self, params, x):
-        """``(cell parameters, inject(x))``, the ``args`` of :meth:`cell`."""
+    def split(self, params, x):  # (cell parameters, inject(x)): the args of cell
         cp = {k: params[k] for k in ("w1", "b1", "w2", "b2")}
         return cp, self.conv(x, params["wx"]) + params["bx"]
 
@@ -103,8 +78,7 @@ class Problem(NamedTuple):
         return jnp.tanh(self.conv(jax.nn.relu(self.conv(z, cp["w1"]) + cp["b1"]), cp["w2"])
                         + cp["b2"] + u)
 
-    def rescale(self, s: float) -> Problem:
-        """The recurrent kernels multiplied by ``s``."""
+    def rescale(self, s: float) -> Problem:  # recurrent kernels times s
         return self._replace(params={**self.params, "w1": s * self.params["w1"],
                                      "w2": s * self.params["w2"]})
 
@@ -113,7 +87,7 @@ def make_problem(batch, channels, size, **kw) -> Problem:
     """Images uniform in [0, 1], kernels ``N(0, 1) / sqrt(fan_in)``, zero biases."""
     kp, kx, kt = jax.random.split(jax.random.key(0), 3)
     k1, k2, k3 = jax.random.split(kp, 3)
-    rec = lambda k: jax.random.normal(k, (3, 3, channels, channels)) / math.sqrt(9 * channels)  # noqa: E731, E501
+    rec = lambda k: jax.random.normal(k, (3, 3, channels, channels)) / math.sqrt(9 * channels)
     zero = jnp.zeros(channels)
     params = dict(w1=rec(k1), b1=zero, w2=rec(k2), b2=zero, bx=zero,
                   wx=jax.random.normal(k3, (3, 3, 1, channels)) / 3.0)
@@ -135,16 +109,10 @@ def deq_solve(p: Problem, fwd, adjoint=None, max_steps=100):
 
 def calibrate_scale(p: Problem, max_steps: int, target: int = TARGET_STEPS, lo: float = 0.25,
                     hi: float = 4.0, iters: int = 20) -> tuple[float, int]:
-    """Bisect the recurrent kernel scale until plain iteration needs ``target`` steps.
-
-    Steps grow with the scale while the iteration converges; beyond the contraction limit it
-    stagnates or diverges, which counts as "too many". Returns ``(scale, steps)``.
-    """
-    def steps(s):
-        info = deq_solve(p, solver("iteration"), None, max_steps)(p.rescale(s).params, p.x)[1]
-        return info["steps"], info["ok"]
-
-    steps, best = jax.jit(steps), None
+    """Bisect the kernel scale to ``target`` plain-iteration steps (non-convergence counts as
+    too many); returns ``(scale, steps)``."""
+    steps, best = jax.jit(lambda s: (lambda i: (i["steps"], i["ok"]))(deq_solve(
+        p, solver("iteration"), None, max_steps)(p.rescale(s).params, p.x)[1])), None
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         n, ok = (int(v) for v in steps(mid))
@@ -161,13 +129,11 @@ def calibrate_scale(p: Problem, max_steps: int, target: int = TARGET_STEPS, lo: 
 def jaxopt_solve(p: Problem, kind: str, tol: float, max_steps: int):
     """jaxopt's fixed point with ``implicit_diff``: CG on the normal equations at ``RTOL``."""
     import jaxopt
-
     cls = jaxopt.FixedPointIteration if kind == "iteration" else partial(
         jaxopt.AndersonAcceleration, history_size=HISTORY)
     s = cls(fixed_point_fun=lambda z, cp, u: p.cell(z, (cp, u)), maxiter=max_steps, tol=tol,
             implicit_diff=True,
             implicit_diff_solve=partial(jaxopt.linear_solve.solve_normal_cg, tol=RTOL))
-
     def solve(params, x, probe=None):
         cp, u = p.split(params, x)
         z, state = s.run(jnp.zeros_like(u), cp, u)
@@ -176,15 +142,12 @@ def jaxopt_solve(p: Problem, kind: str, tol: float, max_steps: int):
 
 
 def optx_solve(p: Problem, tol: float, bwd_tol: float | None, max_steps: int):
-    """optimistix FixedPointIteration + ImplicitAdjoint with lineax GMRES, or with the default
-    ``AutoLinearSolver`` (dense for a square Jacobian) when ``bwd_tol`` is None."""
+    """optimistix ImplicitAdjoint with lineax GMRES, or the default (dense) if bwd_tol is None."""
     import lineax as lx
     import optimistix as optx
-
     fwd = optx.FixedPointIteration(rtol=0.0, atol=tol, norm=optx.two_norm)
     adjoint = optx.ImplicitAdjoint(**({} if bwd_tol is None else {
         "linear_solver": lx.GMRES(rtol=0.0, atol=bwd_tol, norm=optx.two_norm)}))
-
     def solve(params, x, probe=None):
         cp, u = p.split(params, x)
         sol = optx.fixed_point(p.cell, fwd, jnp.zeros_like(u), (cp, u), adjoint=adjoint,
@@ -195,8 +158,7 @@ def optx_solve(p: Problem, tol: float, bwd_tol: float | None, max_steps: int):
 
 
 def train_step(solve, keep_z=False):
-    """``(params, probe, x, target) -> ((loss, info), (grads, probe_ct))``; the cotangent of
-    ``probe`` (:func:`deq.backward_stats_probe`) carries deq's adjoint-solve statistics."""
+    """``(params, probe, x, target) -> ((loss, info), (grads, probe_ct))``."""
     def loss(params, probe, x, target):
         z, info = solve(params, x, probe)
         return jnp.mean((z - target) ** 2), {"steps": info["steps"], "ok": info["ok"],
@@ -213,8 +175,7 @@ def compile_fn(fn, *args):
 
 
 def time_interleaved(calls, repeats: int) -> list[list[float]]:
-    """Seconds of each warm ``fn(*args)`` in ``calls``, in ``repeats`` round-robin rounds, so
-    that a change in background load (a shared machine) hits every method alike."""
+    """Seconds of each warm ``fn(*args)`` in ``calls``, timed round-robin ``repeats`` times."""
     times = [[] for _ in calls]
     for _ in range(repeats):
         for ts, (fn, args) in zip(times, calls, strict=True):
@@ -224,28 +185,17 @@ def time_interleaved(calls, repeats: int) -> list[list[float]]:
     return times
 
 
-@dataclasses.dataclass
-class StepRow:
-    group: str  # "deq", "unrolled", "jaxopt", "optimistix"
-    name: str
-    forward: str
-    backward: str
-    implicit: bool = False  # gradient by the implicit function theorem
-    depth: int | None = None  # unrolled rows: the number of unrolled steps
-    note: str = ""
-    time_ms: float | None = None
-    times_ms: list[float] | None = None
-    temp_bytes: int | None = None
-    compile_s: float | None = None
-    fwd_steps: int | None = None
-    bwd_steps: int | None = None  # deq implicit rows: adjoint iterations / GMRES matvecs
-    bwd_converged: bool | None = None
-    grad_rel_diff: float | None = None  # relative L2 distance to the reference gradient
+# group: deq, unrolled, jaxopt or optimistix; depth: unrolled steps; bwd_steps: deq adjoint's
+StepRow = dataclasses.make_dataclass("StepRow", ["group", "name", "forward", "backward", *(
+    (k, object, dataclasses.field(default=v)) for k, v in dict(
+        implicit=False, depth=None, note="", time_ms=None, times_ms=None, temp_bytes=None,
+        compile_s=None, fwd_steps=None, bwd_steps=None, bwd_converged=None,
+        grad_rel_diff=None).items())])
 
 
 def methods(p: Problem, a, fwd_tol: float, bwd_tol: float) -> list[tuple[StepRow, object]]:
     """``(row, solve)`` of every training step measured (``solve`` None: not run, see note)."""
-    n, out = a.max_steps, []
+    n, out, it = a.max_steps, [], LABELS["iteration"]
     for f in ("iteration", "anderson"):
         out += [(StepRow("deq", f"deq implicit: fwd {f}, adjoint {b}", LABELS[f],
                          f"ImplicitAdjoint({LABELS[b]})", implicit=True),
@@ -256,8 +206,7 @@ def methods(p: Problem, a, fwd_tol: float, bwd_tol: float) -> list[tuple[StepRow
                  deq_solve(p, solver(f), adjoint, n)) for short, adjoint, label in (
             ("phantom", deq.PhantomAdjoint(), "PhantomAdjoint(steps=5, damping=0.5)"),
             ("JFB", deq.JacobianFreeAdjoint(), "JacobianFreeAdjoint()"))]
-    out += [(StepRow("unrolled", f"deq unrolled: {k} steps", LABELS["iteration"],
-                     "UnrolledAdjoint()", depth=k),
+    out += [(StepRow("unrolled", f"deq unrolled: {k} steps", it, "UnrolledAdjoint()", depth=k),
              deq_solve(p, solver("iteration"), deq.UnrolledAdjoint(), k)) for k in a.unroll]
     if not a.missing["jaxopt"]:
         out += [(StepRow("jaxopt", f"jaxopt {label}, implicit_diff", label,
@@ -269,14 +218,13 @@ def methods(p: Problem, a, fwd_tol: float, bwd_tol: float) -> list[tuple[StepRow
         dim = a.batch * a.size * a.size * a.channels
         dense = 4 * dim * dim <= DENSE_LIMIT_BYTES
         out += [(StepRow("optimistix", "optimistix FixedPointIteration + ImplicitAdjoint(GMRES)",
-                         "FixedPointIteration", "ImplicitAdjoint(lx.GMRES)", implicit=True),
+                         it, "ImplicitAdjoint(lx.GMRES)", implicit=True),
                  optx_solve(p, fwd_tol, bwd_tol, n)),
                 (StepRow("optimistix", "optimistix FixedPointIteration + default "
-                         "ImplicitAdjoint", "FixedPointIteration",
-                         "ImplicitAdjoint() (AutoLinearSolver, dense)", implicit=True,
-                         note="" if dense else f"skipped: the default adjoint materialises a "
-                         f"dense {dim}x{dim} Jacobian ({4 * dim * dim / 2**30:.0f} GiB)"),
-                 optx_solve(p, fwd_tol, None, n) if dense else None)]
+                         "ImplicitAdjoint", it, "ImplicitAdjoint() (AutoLinearSolver, dense)",
+                         implicit=True, note="" if dense else "skipped: the default adjoint "
+                         f"materialises a dense {dim}x{dim} Jacobian ({4 * dim * dim / 2**30:.0f}"
+                         " GiB)"), optx_solve(p, fwd_tol, None, n) if dense else None)]
     return out
 
 
@@ -385,21 +333,16 @@ def run(a, log=print) -> dict:
     }
 
 
-def _flat(tree):
-    return np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])
+_flat = lambda tree: np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])
+_f = lambda v, fmt="{}": "-" if v is None else fmt.format(v)
+_mib = lambda b: _f(b) if b is None else f"{b / 2**10:.1f} KiB" if b < 2**20 else \
+    f"{b / 2**20:.1f} MiB"
+_version = lambda pkg: metadata.version(pkg) if find_spec(pkg) else None
 
 
 def md_table(headers, rows) -> str:
     return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-
-
-def _f(v, fmt="{}"):
-    return "-" if v is None else fmt.format(v)
-
-
-def _mib(b):
-    return _f(b) if b is None else f"{b / 2**10:.1f} KiB" if b < 2**20 else f"{b / 2**20:.1f} MiB"
 
 
 def to_markdown(res: dict) -> str:
@@ -457,13 +400,6 @@ def to_markdown(res: dict) -> str:
           *(_f(e[f"memory_vs_unrolled_{k}"], "{:.3f}") for k in (32, 64))]
          for e in res["ratios"]]), "", f"Total benchmark wall time {res['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
-
-
-def _version(pkg):
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
