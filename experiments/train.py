@@ -25,6 +25,8 @@ import itertools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)  # the run starts: from here on it has a workdir
     at = Position()
     try:
-        with hold_workdir(workdir):
+        with hold_workdir(workdir), at.deferring_interrupts():
             return _run(config, workdir, stop_after, (train, test), devices, built, at)
     except KeyboardInterrupt as e:
         e.step = at.step
@@ -104,9 +106,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 class Position:
-    """The global step the run has reached (None before its checkpoint is restored)."""
+    """The global step the run has reached (None before its checkpoint is restored), and
+    Ctrl-C held back while a compiled step runs.
+
+    A KeyboardInterrupt raised inside one of the solver's host callbacks (its statistics and
+    warnings run in Python during the step) would reach the caller as a JaxRuntimeError with
+    JAX's tracebacks, not as an interruption. So while ``call`` runs a step, Ctrl-C is noted
+    and raised when the step returns; a second Ctrl-C during the same step raises at once.
+    """
 
     step: int | None = None
+    in_step: bool = False
+    pending: bool = False
+
+    def _on_sigint(self, signum, frame):
+        if self.in_step and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferring_interrupts(self):
+        """Install the handler for the block (main thread, default SIGINT handling only)."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def call(self, fn, *args):
+        """``fn(*args)``, with a Ctrl-C that arrives meanwhile raised when it returns."""
+        self.in_step = True
+        try:
+            out = fn(*args)
+        finally:
+            self.in_step = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+        return out
 
 
 def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position):
@@ -119,7 +161,8 @@ def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position
     writer = MetricsWriter(workdir / "metrics.jsonl", step)
     train_step, run_info = compile_train_step(config, task, params, opt_state, rest, train,
                                               devices, workdir)
-    eval_step = jax.jit(steps.make_eval_step(task))
+    jitted_eval_step = jax.jit(steps.make_eval_step(task))
+    eval_step = lambda *args: at.call(jitted_eval_step, *args)  # noqa: E731
 
     start_step, per_epoch = step, run_info["steps_per_epoch"]
     base_key = jax.random.PRNGKey(config.seed)
@@ -131,9 +174,9 @@ def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position
         batches = data_lib.train_batches(train, config.train.batch_size, seed=config.seed,
                                          epoch=epoch)
         for images, labels in itertools.islice(batches, done, None):
-            params, opt_state, acc = train_step(params, opt_state, acc, rest,
-                                                *devices.put(images, labels), base_key,
-                                                np.int32(step))
+            params, opt_state, acc = at.call(train_step, params, opt_state, acc, rest,
+                                             *devices.put(images, labels), base_key,
+                                             np.int32(step))
             step += 1
             at.step = step
             if stop_after is not None and step - start_step >= stop_after:

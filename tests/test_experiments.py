@@ -192,6 +192,30 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_and_ctrl_c_is_one_line(tmp_
     assert train.train_and_evaluate(config, workdir, stop_after=1) is None
 
 
+def test_ctrl_c_while_a_host_callback_runs_is_an_interruption_not_a_runtime_error():
+    # The solver's stats and warnings run in Python callbacks during a compiled step. A Ctrl-C
+    # landing there surfaces as a JaxRuntimeError with JAX's tracebacks, unless the run holds
+    # it back until the step returns.
+    def callback(x):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, inside the callback
+
+    @jax.jit
+    def step(x):
+        jax.debug.callback(callback, x)
+        return x + 1
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="KeyboardInterrupt"):
+        step(np.ones(3, np.float32)).block_until_ready()  # the failure guarded against
+    at = train.Position()
+    with at.deferring_interrupts():
+        assert signal.getsignal(signal.SIGINT) == at._on_sigint
+        with pytest.raises(KeyboardInterrupt):
+            at.call(lambda x: step(x).block_until_ready(), np.ones(3, np.float32))
+        assert not at.pending and not at.in_step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_workdir_locked_by_another_process_is_refused(tmp_path, tfds_dir):
     import fcntl
 
