@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from deq import _loop
 from deq._flatten import Flattener
@@ -80,27 +81,35 @@ def _merge(diff, nondiff, treedef):
 
 @dataclasses.dataclass(frozen=True)
 class ImplicitAdjoint(Adjoint):
-    r"""Exact implicit-function-theorem gradient, in constant memory.
+    r"""Exact implicit-function-theorem derivatives, in every mode, in constant memory.
 
-    At the fixed point :math:`z^* = f(z^*, \theta)` the vector-Jacobian product of a
-    cotangent :math:`g` is :math:`u^\top \partial_\theta f(z^*, \theta)` where :math:`u`
-    solves the adjoint system
+    At the fixed point :math:`z^* = f(z^*, \theta)` the tangent of :math:`z^*` along
+    :math:`\dot\theta` solves the linear system
 
-    .. math:: u = g + \left(\partial_z f(z^*, \theta)\right)^\top u .
+    .. math:: (I - \partial_z f)\, \dot z = \partial_\theta f\, \dot\theta ,
 
-    ``u`` is found matrix-free (only VJPs of ``f`` at :math:`z^*`, never the Jacobian): by
-    fixed-point iteration, Anderson, Broyden (any forward solver object, run on the map
-    :math:`u \mapsto g + J^\top u`), or :class:`GMRES`.
-    The forward iterations are not stored; memory does not grow with the number of steps.
+    and a cotangent :math:`g` of :math:`z^*` is pulled back as
+    :math:`u^\top \partial_\theta f` where :math:`u` solves the transposed (adjoint) system
+    :math:`u = g + (\partial_z f)^\top u`. Both are solved matrix-free (JVPs or VJPs of ``f``
+    at :math:`z^*`, never the Jacobian), by fixed-point iteration, Anderson, Broyden (any
+    forward solver object, run on :math:`u \mapsto g + J^\top u`) or :class:`GMRES`.
 
-    A backward solve that does not converge is never silent: its statistics are written to
-    the cotangent of the ``probe`` of :func:`deq.fixed_point` (see
-    :func:`deq.backward_stats_probe`), and with ``on_failure="warn"`` (default) a
-    ``RuntimeWarning`` is issued from the backward pass. The best iterate found is used.
+    The solution's derivative is a custom JVP whose linear solve JAX transposes for reverse
+    mode (``jax.lax.custom_linear_solve``), so every transform composes: ``jax.grad``,
+    ``jax.vjp``, ``jax.jacrev``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, gradients of
+    gradients, and ``vmap``/``jit`` of all of them. Higher derivatives are implicit too: the
+    forward iterations are never stored or unrolled, so memory does not grow with the number
+    of solver steps at any order.
+
+    A linear solve that does not converge is never silent: the statistics of the reverse-mode
+    (adjoint) solve are written to the cotangent of the ``probe`` of :func:`deq.fixed_point`
+    (see :func:`deq.backward_stats_probe`), and with ``on_failure="warn"`` (default) a
+    ``RuntimeWarning`` is issued from whichever solve (adjoint or forward-mode tangent) failed.
+    The best iterate found is used.
 
     Args:
-      solver: solver for the adjoint system; a forward solver or :class:`GMRES`.
-      max_steps: iteration (or matrix-vector product) budget of the adjoint solve.
+      solver: solver for the linear systems; a forward solver or :class:`GMRES`.
+      max_steps: iteration (or matrix-vector product) budget of each linear solve.
       on_failure: ``"warn"`` or ``"ignore"``.
     """
 
@@ -119,21 +128,39 @@ class ImplicitAdjoint(Adjoint):
         config = _ImplicitConfig(self, solver, max_steps, batched, precision, treedef)
         return _implicit(fn, config, z0, diff, nondiff, stats_probe)
 
-    def solve_adjoint_system(self, vjp_z, gz, batched):
-        """Solve ``u = gz + vjp_z(u)`` on pytrees shaped like ``z``.
-
-        Returns ``u`` and the probe cotangent holding the solve's statistics."""
-        flat = Flattener(gz, batched, what="the cotangent of z")
-        rhs = flat.flatten(gz)
-        u, stats = self._linear_solver.solve(flat.on_matrices(vjp_z), rhs, self.max_steps)
-        probe_cotangent = backward_stats_cotangent(
-            stats.num_steps, stats.abs_residual, stats.u_norm, stats.result,
-            jnp.promote_types(rhs.dtype, jnp.float32))
+    def _solve_linear(self, op, rhs, warn):
+        """``u = rhs + op(u)`` on ``(batch, dim)`` matrices; ``(u, LinearSolveStats)``."""
+        u, stats = self._linear_solver.solve(op, rhs, self.max_steps)
         if self.on_failure == "warn":
             # Only a failed solve reaches the host: no callback on the common path.
             jax.lax.cond(jnp.all(stats.converged), lambda: None,
-                         lambda: jax.debug.callback(_warn_backward, stats.converged))
-        return flat.unflatten(u), probe_cotangent
+                         lambda: jax.debug.callback(warn, stats.converged))
+        return u, stats
+
+    def solve_adjoint_system(self, vjp_z, g):
+        """Solve ``u = g + vjp_z(u)`` (reverse mode) on ``(batch, dim)`` matrices.
+
+        Returns ``u`` and the probe cotangent holding the solve's statistics."""
+        u, stats = self._solve_linear(vjp_z, g, _warn_backward)
+        work_dtype = jnp.promote_types(_real_dtype(g), jnp.float32)
+        probe_cotangent = backward_stats_cotangent(
+            stats.num_steps, stats.abs_residual, stats.u_norm, stats.result, work_dtype)
+        return u, probe_cotangent
+
+    def solve_tangent_system(self, jvp_z, rhs):
+        """Solve ``v = rhs + jvp_z(v)`` (forward mode) on ``(batch, dim)`` matrices."""
+        return self._solve_linear(jvp_z, rhs, _warn_tangent)[0]
+
+
+def _real_dtype(x):
+    return jnp.finfo(jnp.result_type(x)).dtype
+
+
+_FAILED_SOLVE_ADVICE = (
+    "raise ImplicitAdjoint(max_steps=...), use ImplicitAdjoint(solver=deq.GMRES()), or make "
+    "the cell more contractive (Jacobian regularisation, weight normalisation). "
+    "ImplicitAdjoint(on_failure='ignore') silences this warning."
+)
 
 
 def _warn_backward(converged):
@@ -143,10 +170,17 @@ def _warn_backward(converged):
         warnings.warn(
             "deq: the implicit backward (adjoint) solve did not converge within its step "
             "budget; the gradient is approximate. Read the residuals with "
-            "deq.backward_stats (probe=...), raise ImplicitAdjoint(max_steps=...), use "
-            "ImplicitAdjoint(solver=deq.GMRES()), or make the cell more contractive (Jacobian "
-            "regularisation, weight normalisation). ImplicitAdjoint(on_failure='ignore') "
-            "silences this warning.",
+            "deq.backward_stats (probe=...), " + _FAILED_SOLVE_ADVICE,
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _warn_tangent(converged):
+    if not np.all(converged):
+        warnings.warn(
+            "deq: the implicit forward-mode (tangent) solve did not converge within its step "
+            "budget; the JVP is approximate. " + _FAILED_SOLVE_ADVICE,
             RuntimeWarning,
             stacklevel=2,
         )
@@ -154,7 +188,7 @@ def _warn_backward(converged):
 
 class _ImplicitConfig(NamedTuple):
     """The static (hashable) part of an implicit solve: a non-differentiable argument of its
-    custom VJP."""
+    custom JVP."""
 
     adjoint: ImplicitAdjoint
     solver: ForwardSolver
@@ -164,41 +198,88 @@ class _ImplicitConfig(NamedTuple):
     args_treedef: Any  # of args, whose leaves are split into diff and nondiff
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _implicit(fn, config: _ImplicitConfig, z0, diff, nondiff, stats_probe):
     args = _merge(diff, nondiff, config.args_treedef)
     with _precision(config.precision):
         return forward_solve(fn, config.solver, z0, args, config.max_steps, config.batched)
 
 
-def _implicit_fwd(fn, config, z0, diff, nondiff, stats_probe):
-    z, stats = _implicit(fn, config, z0, diff, nondiff, stats_probe)
-    return (z, stats), (z, diff, nondiff, stats_probe)
+def _is_zero(t):
+    return t is None or isinstance(t, SymbolicZero)
 
 
-def _implicit_bwd(fn, config, residuals, cotangents):
-    z, diff, nondiff, stats_probe = residuals
-    gz, _ = cotangents
-    gz = jax.tree_util.tree_map(
-        lambda g, zz: jnp.zeros_like(zz) if g is None else g, gz, z,
-        is_leaf=lambda x: x is None,
-    )
+def _zero_tangent(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+@partial(_implicit.defjvp, symbolic_zeros=True)
+def _implicit_jvp(fn, config, primals, tangents):
+    """The tangent of ``z*`` solves ``(I - J) dz = (df/dargs) dargs`` (``J = df/dz`` at
+    ``z*``); ``z0`` has no influence on ``z*``.
+
+    The linear solve is a ``custom_linear_solve``: JAX transposes it for reverse mode (the
+    transposed solve is the adjoint system) and differentiates it again for higher orders,
+    each time at ``z*``, never through the forward iterations. When the probe is perturbed
+    (differentiated), the system is augmented with the probe's tangent through an identity
+    block; the transposed solve writes its statistics into that block's cotangent, which is
+    the probe's cotangent.
+    """
+    z0, diff, nondiff, probe = primals
+    _, ddiff, _, dprobe = tangents
+    z, stats = _implicit(fn, config, z0, diff, nondiff, probe)
+    stats_dot = jax.tree_util.tree_map(_zero_tangent, stats)
+    live = [not _is_zero(t) for t in ddiff]
+    with_probe = not _is_zero(dprobe)
+    if not any(live) and not with_probe:
+        return (z, stats), (jax.tree_util.tree_map(jnp.zeros_like, z), stats_dot)
     treedef = config.args_treedef
+    adjoint = config.adjoint
+    # The systems are solved on (batch, dim) matrices. One matrix right-hand side also keeps
+    # the linear solve's input linear as a whole, as its transposition requires, when some
+    # leaves of z do not depend on the perturbed arguments.
+    flat = Flattener(z, config.batched)
     with _precision(config.precision):
-        _, vjp_z = jax.vjp(lambda zz: fn(zz, _merge(diff, nondiff, treedef)), z)
-        u, probe_cotangent = config.adjoint.solve_adjoint_system(
-            lambda v: vjp_z(v)[0], gz, config.batched)
-        _, vjp_args = jax.vjp(lambda d: fn(z, _merge(d, nondiff, treedef)), diff)
-        (gdiff,) = vjp_args(u)
-    gz0 = jax.tree_util.tree_map(jnp.zeros_like, z)
-    gnondiff = jax.tree_util.tree_map(
-        lambda x: np.zeros(np.shape(x), dtype=jax.dtypes.float0), nondiff
-    )
-    probe_cotangent = probe_cotangent.astype(stats_probe.dtype).reshape(stats_probe.shape)
-    return gz0, gdiff, gnondiff, probe_cotangent
+        args = _merge(diff, nondiff, treedef)
+        _, jvp_z = jax.linearize(lambda zz: fn(zz, args), z)
+        vjp_z = jax.linear_transpose(jvp_z, z)
+        jvp_mat = flat.on_matrices(jvp_z)
+        vjp_mat = flat.on_matrices(lambda v: vjp_z(v)[0])
+        if any(live):
+            ddiff = [None if d is None else (jnp.zeros(t.aval.shape, t.aval.dtype)
+                                             if isinstance(t, SymbolicZero) else t)
+                     for d, t in zip(diff, ddiff)]
+            _, rhs = jax.jvp(lambda d: fn(z, _merge(d, nondiff, treedef)), (diff,), (ddiff,))
+            rhs = flat.flatten(rhs)
+        else:
+            rhs = jnp.zeros((flat.batch, flat.dim), flat.dtype)
+        # A zero that depends linearly on every perturbed input: the right-hand side is then
+        # linear even where f does not depend on them (or only the probe is perturbed).
+        link = [t for t, ok in zip(ddiff, live) if ok] + ([dprobe] if with_probe else [])
+        rhs = rhs + 0 * sum(jnp.ravel(t)[:1].sum() for t in link).astype(rhs.dtype)
 
+        def matvec(x):
+            xz = x[0] if with_probe else x
+            out = xz - jvp_mat(xz)
+            return (out, x[1]) if with_probe else out
 
-_implicit.defvjp(_implicit_fwd, _implicit_bwd)
+        def solve(_, b):
+            u = adjoint.solve_tangent_system(jvp_mat, b[0] if with_probe else b)
+            return (u, b[1]) if with_probe else u
+
+        def transpose_solve(_, g):
+            u, probe_ct = adjoint.solve_adjoint_system(vjp_mat, g[0] if with_probe else g)
+            if not with_probe:
+                return u
+            return u, probe_ct.astype(dprobe.dtype).reshape(dprobe.shape)
+
+        b = (rhs, dprobe) if with_probe else rhs
+        dz = jax.lax.custom_linear_solve(matvec, b, solve, transpose_solve)
+    dz = flat.unflatten(dz[0] if with_probe else dz)
+    return (z, stats), (dz, stats_dot)
 
 
 @dataclasses.dataclass(frozen=True)
