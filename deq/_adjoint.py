@@ -23,7 +23,7 @@ from jax.custom_derivatives import SymbolicZero
 from deq import _loop
 from deq._flatten import Flattener
 from deq._linear_solve import GMRES, adjoint_linear_solver
-from deq._solution import backward_stats_cotangent
+from deq._solution import RESULTS, backward_stats_cotangent
 from deq._solvers import Anderson, ForwardSolver
 from deq._validate import (
     check_bool,
@@ -296,6 +296,12 @@ class PhantomAdjoint(Adjoint):
     (Geng et al., 2021). The returned value is :math:`z_{steps}`, which equals ``z*`` up to
     the solver's tolerance.
 
+    Derivatives, in every mode and at every order (``jax.jvp``, ``jax.jacfwd``,
+    ``jax.hessian``, ...), are JAX's own derivatives of that ``steps``-step map with
+    :math:`z_0` held fixed: the phantom gradient and its higher-order analogues, not the
+    implicit derivatives (they approach them as ``steps`` grows, for a contractive ``f``).
+    Use :class:`ImplicitAdjoint` for exact derivatives of the fixed point.
+
     Args:
       steps: number of unrolled steps, >= 1.
       damping: :math:`\delta \in [0, 1)`.
@@ -324,7 +330,17 @@ class PhantomAdjoint(Adjoint):
                     z = jax.tree_util.tree_map(
                         lambda a, b: self.damping * a + (1 - self.damping) * b, z, fz
                     )
-        return z, stats
+        # A differentiated step that overflowed is reported, never left as a success.
+        rows = Flattener(z, batched).flatten(jax.lax.stop_gradient(z))
+        return z, _flag_nonfinite(stats, jnp.all(jnp.isfinite(rows), axis=1))
+
+
+def _flag_nonfinite(stats, finite):
+    """``stats`` with the samples whose returned value is not ``finite`` marked NONFINITE."""
+    per_sample = jnp.where(finite, stats.result_per_sample, RESULTS.NONFINITE).astype(jnp.int32)
+    result = jnp.where(jnp.all(finite), stats.result, RESULTS.NONFINITE).astype(jnp.int32)
+    return stats._replace(result=result, result_per_sample=per_sample,
+                          converged=result == RESULTS.SUCCESSFUL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +349,9 @@ class JacobianFreeAdjoint(PhantomAdjoint):
 
     Replaces :math:`(I - J)^{-1}` by the identity: the gradient is that of one application
     of ``f`` at the fixed point. Cheapest backward; a descent direction when ``f`` is
-    contractive enough.
+    contractive enough. Every transform (``jax.jvp``, ``jax.hessian``, ...) gives the
+    derivatives of that one step, :math:`\partial_\theta f(z^*, \theta)`, not those of the
+    fixed point: use :class:`ImplicitAdjoint` for those.
     """
 
     steps: int = 1
@@ -353,6 +371,13 @@ class UnrolledAdjoint(Adjoint):
     which is its returned value (differentiable like any other), and the stats say NONFINITE
     for it; ``f`` is never evaluated at a non-finite point afterwards. The gradient can still
     be NaN if ``f``'s derivative overflows at the step where its value does (e.g. ``exp``).
+
+    Every transform (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, gradients of gradients)
+    differentiates the iterates. The solver's own coefficients (Anderson's mixing weights,
+    Broyden's inverse-Jacobian estimate) are held fixed, as constants of the method: the
+    derivatives are then iterates of a linear method on the tangent system, which converge to
+    the implicit derivatives as the forward solve converges. (Through the weights'
+    least-squares solve they would blow up as the residuals vanish.)
 
     Args:
       checkpoint: rematerialise each step (``jax.checkpoint``).

@@ -115,7 +115,7 @@ class IterativeAdjointSolver(AdjointLinearSolver):
     solver: ForwardSolver
 
     def solve(self, vjp, rhs, max_steps):
-        work_dtype = jnp.promote_types(rhs.dtype, jnp.float32)
+        work_dtype = jnp.promote_types(jnp.finfo(rhs.dtype).dtype, jnp.float32)
 
         def adjoint_map(u):
             return rhs + vjp(u)
@@ -175,9 +175,9 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
             j, v, h, _, _, _ = c
             w = matvec(v[j])
             mask = (jnp.arange(k + 1) <= j).astype(dt)
-            c1 = (v @ w) * mask
+            c1 = (jnp.conj(v) @ w) * mask  # <v_i, w>, conjugated for complex systems
             w = w - c1 @ v
-            c2 = (v @ w) * mask
+            c2 = (jnp.conj(v) @ w) * mask
             w = w - c2 @ v
             hn = jnp.linalg.norm(w)
             h = h.at[:, j].set((c1 + c2).at[j + 1].set(hn))
@@ -188,7 +188,7 @@ def gmres(matvec, b, x0, *, restart: int, max_steps: int, rtol: float, atol: flo
             est = jnp.linalg.norm(e1 - h @ y)
             # w lies (to rounding) in the basis: the Krylov space is invariant.
             eps = jnp.finfo(dt).eps
-            breakdown = hn <= 10 * eps * jnp.sqrt(jnp.sum((c1 + c2) ** 2) + hn**2)
+            breakdown = hn <= 10 * eps * jnp.sqrt(jnp.sum(jnp.abs(c1 + c2) ** 2) + hn**2)
             return j + 1, v, h, y, est, breakdown
 
         def more(c):

@@ -22,16 +22,21 @@ from deq._solvers import ForwardSolver
 
 
 def _residual_dtype(z):
-    """Residual norms and tolerances are kept in at least float32 (bf16 states included)."""
-    return jnp.promote_types(z.dtype, jnp.float32)
+    """Residual norms and tolerances are real, in at least float32 (bf16 states included)."""
+    return jnp.promote_types(jnp.finfo(z.dtype).dtype, jnp.float32)
+
+
+def _norms(x):
+    """Per-sample Euclidean norms of a ``(B, D)`` matrix, from ``|x|`` (complex entries
+    included: ``x * x`` would let ``1`` and ``1j`` cancel), in the residual dtype."""
+    dt = _residual_dtype(x)
+    a = jnp.abs(x).astype(dt)
+    return jnp.sqrt(jnp.sum(a * a, axis=1))
 
 
 def _residual_norms(z, fz):
     """Per-sample |f(z) - z| and |f(z)|, in the residual dtype."""
-    dt = _residual_dtype(z)
-    r = (fz - z).astype(dt)
-    f = fz.astype(dt)
-    return jnp.sqrt(jnp.sum(r * r, axis=1)), jnp.sqrt(jnp.sum(f * f, axis=1))
+    return _norms(fz - z), _norms(fz)
 
 
 def _worst(x, axis=None):

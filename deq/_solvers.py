@@ -18,14 +18,18 @@ import abc
 import dataclasses
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from deq._validate import check_float, check_int, check_tolerances, set_field
 
 
 def _bdot(a, b):
-    """Per-sample inner product of (B, D) arrays -> (B,)."""
-    return jnp.einsum("bd,bd->b", a, b)
+    """Per-sample inner product ``a^H b`` of (B, D) arrays -> (B,) (conjugated for complex)."""
+    return jnp.einsum("bd,bd->b", jnp.conj(a), b)
+
+
+_sg = jax.lax.stop_gradient
 
 
 class AndersonState(NamedTuple):
@@ -186,14 +190,19 @@ class Anderson(ForwardSolver):
         residual = fz - z
         f_history = state.f_history.at[:, slot].set(fz)
         residual_history = state.residual_history.at[:, slot].set(residual)
-        row = jnp.einsum("bd,bjd->bj", residual, residual_history,
-                         preferred_element_type=gram_dtype)  # (B, m)
-        gram = state.residual_gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
+        # The weights are coefficients of the method, not functions of the problem to
+        # differentiate: under UnrolledAdjoint the iterates are differentiated with the weights
+        # held fixed, a linear iteration whose limit is the implicit derivative (through the
+        # small least-squares solve, derivatives blow up as the residuals vanish).
+        row = jnp.einsum("bd,bjd->bj", jnp.conj(_sg(residual)), _sg(residual_history),
+                         preferred_element_type=gram_dtype)  # (B, m): <r_new, r_j>
+        # Hermitian: G[slot, j] = <r_slot, r_j>, G[j, slot] its conjugate.
+        gram = state.residual_gram.at[:, slot, :].set(row).at[:, :, slot].set(jnp.conj(row))
         num_stored = state.num_stored + 1
         # Slots fill in order and unused ones hold zeros, so their rows and columns of the
         # Gram matrix are zero: no masking needed.
         valid = (jnp.arange(m) < num_stored).astype(gram_dtype)  # (m,)
-        scale = jnp.sum(jnp.diagonal(gram, axis1=1, axis2=2), axis=1) / jnp.sum(valid)
+        scale = jnp.sum(jnp.real(jnp.diagonal(gram, axis1=1, axis2=2)), axis=1) / jnp.sum(valid)
         eye = jnp.eye(m, dtype=gram_dtype)
         # Unused slots get a unit diagonal and no constraint weight, so their alpha is 0.
         a = gram + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
@@ -254,12 +263,12 @@ class Broyden(ForwardSolver):
         )
 
     @staticmethod
-    def _matvec(us, vs, x):  # (-I + U V^T) x
-        return -x + jnp.einsum("bid,bi->bd", us, jnp.einsum("bid,bd->bi", vs, x))
+    def _matvec(us, vs, x):  # (-I + U V^H) x
+        return -x + jnp.einsum("bid,bi->bd", us, jnp.einsum("bid,bd->bi", jnp.conj(vs), x))
 
     @staticmethod
-    def _rmatvec(us, vs, x):  # x^T (-I + U V^T)
-        return -x + jnp.einsum("bid,bi->bd", vs, jnp.einsum("bid,bd->bi", us, x))
+    def _rmatvec(us, vs, x):  # (-I + U V^H)^H x
+        return -x + jnp.einsum("bid,bi->bd", vs, jnp.einsum("bid,bd->bi", jnp.conj(us), x))
 
     def update(self, z, fz, state):
         us, vs, count = state.us, state.vs, state.num_updates
@@ -270,12 +279,15 @@ class Broyden(ForwardSolver):
         vs = jnp.where(full[:, None, None], 0.0, vs)
         count = jnp.where(full, 0, count)
         residual = fz - z
-        dz = z - state.prev_z
-        dr = residual - state.prev_residual
+        # The inverse-Jacobian estimate is a coefficient of the method: under UnrolledAdjoint
+        # the step z - B^{-1} g(z) is differentiated with B^{-1} held fixed (a quasi-Newton
+        # iteration on the tangent system, whose limit is the implicit derivative).
+        dz = _sg(z - state.prev_z)
+        dr = _sg(residual - state.prev_residual)
         vt = self._rmatvec(us, vs, dz)
         denom = _bdot(vt, dr)
         u = (dz - self._matvec(us, vs, dr)) / jnp.where(denom == 0, 1.0, denom)[:, None]
-        scale = jnp.sqrt(_bdot(vt, vt) * _bdot(dr, dr))
+        scale = jnp.sqrt(jnp.real(_bdot(vt, vt)) * jnp.real(_bdot(dr, dr)))
         ok = (
             state.has_prev
             & (jnp.abs(denom) > 1e-6 * scale)
