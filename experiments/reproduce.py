@@ -96,9 +96,17 @@ def provenance(command: list[str]) -> dict:
     import flax
     import jax
 
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--", *_code_pathspec()))
+    except (OSError, subprocess.CalledProcessError):
+        # A source tree copied without its .git (e.g. onto a GPU machine): the commit it was
+        # exported from is named by DEQ_SOURCE_COMMIT, else unknown (and then stale).
+        commit = os.environ.get("DEQ_SOURCE_COMMIT", "unknown")
+        dirty = commit == "unknown"
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--", *_code_pathspec())),
+        "git_commit": commit,
+        "dirty": dirty,
         "command": shlex.join(command),
         "machine": machine(),
         "jax": jax.__version__,
