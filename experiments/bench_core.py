@@ -337,7 +337,14 @@ _flat = lambda tree: np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)]
 _f = lambda v, fmt="{}": "-" if v is None else fmt.format(v)
 _mib = lambda b: _f(b) if b is None else f"{b / 2**10:.1f} KiB" if b < 2**20 else \
     f"{b / 2**20:.1f} MiB"
-_version = lambda pkg: metadata.version(pkg) if find_spec(pkg) else None
+def _version(pkg: str) -> str | None:
+    """The installed version of ``pkg``; its ``__version__`` when run from a source tree."""
+    if not find_spec(pkg):
+        return None
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return getattr(__import__(pkg), "__version__", None)
 
 
 def md_table(headers, rows) -> str:
