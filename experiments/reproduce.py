@@ -96,14 +96,17 @@ def provenance(command: list[str]) -> dict:
     import flax
     import jax
 
-    try:
-        commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--", *_code_pathspec()))
-    except (OSError, subprocess.CalledProcessError):
-        # A source tree copied without its .git (e.g. onto a GPU machine): the commit it was
-        # exported from is named by DEQ_SOURCE_COMMIT, else unknown (and then stale).
-        commit = os.environ.get("DEQ_SOURCE_COMMIT", "unknown")
-        dirty = commit == "unknown"
+    if os.environ.get("DEQ_SOURCE_COMMIT"):
+        # A source tree copied to another machine (e.g. a GPU host) without its .git, or with
+        # a .git that is not the tree's: DEQ_SOURCE_COMMIT names the commit it was exported
+        # from, clean.
+        commit, dirty = os.environ["DEQ_SOURCE_COMMIT"], False
+    else:
+        try:
+            commit = _git("rev-parse", "HEAD")
+            dirty = bool(_git("status", "--porcelain", "--", *_code_pathspec()))
+        except (OSError, subprocess.CalledProcessError):
+            commit, dirty = "unknown", True  # no git checkout: stale until rerun
     return {
         "git_commit": commit,
         "dirty": dirty,
