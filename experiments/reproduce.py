@@ -501,34 +501,88 @@ def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]
     return lines
 
 
+def _implicit_rows(res: dict) -> dict:
+    return {r["name"]: r for r in res["steps"]
+            if r.get("time_ms") is not None and r["group"] == "deq" and r.get("implicit")}
+
+
+def _before_after(path: Path, res: dict) -> str:
+    """How the implicit steps compare with the previous library's, where that run exists."""
+    before = path.parent.parent / "bench_core_before" / path.name
+    if not before.exists():
+        return ""
+    old, new = _implicit_rows(json.loads(before.read_text())), _implicit_rows(res)
+    common = [k for k in new if k in old and old[k]["temp_bytes"]]
+    if not common:
+        return ""
+    t = [new[k]["time_ms"] / old[k]["time_ms"] for k in common]
+    m = [new[k]["temp_bytes"] / old[k]["temp_bytes"] for k in common]
+    commit = json.loads(before.read_text())["provenance"]["git_commit"][:7]
+    return (f"; against the library before forward-mode support (commit {commit}, same machine, "
+            f"[table](experiments/results/{before.relative_to(RESULTS)}".replace(".json", ".md")
+            + f")) its {len(common)} implicit steps take {min(t):.2f}x to {max(t):.2f}x the time "
+            f"and {min(m):.2f}x to {max(m):.2f}x the memory")
+
+
 def _bench_core_lines(results: Path, stale: dict) -> list[str]:
     lines = []
-    for path in sorted((results / "bench_core").glob("bench_core_*.json")):
+    for path in sorted([*results.glob("bench_core/bench_core_*.json"),
+                        *results.glob("gpu/bench_core/bench_core_*.json")]):
         res = json.loads(path.read_text())
         if "provenance" not in res:
             continue
         c = res["config"]
         steps = [r for r in res["steps"] if r.get("time_ms") is not None]
-        implicit = [r for r in steps if r["group"] == "deq" and r.get("implicit")]
-        best = min(implicit, key=lambda r: r["time_ms"])
+        best = min(_implicit_rows(res).values(), key=lambda r: r["time_ms"])
         peers = {g: min((r["time_ms"] for r in steps if r["group"] == g), default=None)
                  for g in ("optimistix", "jaxopt")}
-        vs = ", ".join(f"{t / best['time_ms']:.1f}x faster than {g}"
-                       for g, t in peers.items() if t)
+        vs = "".join(f", {t / best['time_ms']:.1f}x faster than {g}"
+                     for g, t in peers.items() if t)
         flat = res["flatness"]
         growth = max(abs(r["growth"]) for r in flat["implicit"])
         fw = {r["key"]: r["ratio_vs_iteration"] for r in res["forward"]}
+        rel = path.relative_to(results)
         lines.append(
             f"- **Core benchmark**, conv cell, batch {c['batch']}, {c['channels']} channels, "
-            f"precision {c['precision']} ([{path.stem}](experiments/results/bench_core/"
-            f"{path.name.replace('.json', '.md')}); "
-            f"{_prov_line(res['provenance'], stale.get('bench_core'), '')}): fastest implicit step "
-            f"{best['time_ms']:.0f} ms ({best['name'].removeprefix('deq implicit: ')}), {vs}; "
+            f"precision {c['precision']} ([{path.stem}](experiments/results/"
+            f"{rel.with_suffix('.md')}); "
+            f"{_prov_line(res['provenance'], stale.get(rel.parts[0]), '')}): fastest implicit "
+            f"step {best['time_ms']:.0f} ms ({best['name'].removeprefix('deq implicit: ')}){vs}; "
             f"its memory changes by {100 * growth:.1f}% from 10 to 100 forward steps, unrolled "
             f"backprop adds {flat['unrolled_slope_bytes_per_step'] / 2**20:.1f} MiB per step; "
             f"Anderson needs {fw['anderson']:.2f}x and Broyden {fw['broyden']:.2f}x the steps of "
-            f"plain iteration on this random-kernel cell."
+            f"plain iteration on this random-kernel cell{_before_after(path, res)}."
         )
+    return lines
+
+
+def _bench_derivatives_lines(results: Path, stale: dict) -> list[str]:
+    lines = []
+    for path in sorted([*results.glob("bench_derivatives/bench_derivatives_*.json"),
+                        *results.glob("gpu/bench_derivatives/bench_derivatives_*.json")]):
+        res = json.loads(path.read_text())
+        c, rel = res["config"], path.relative_to(results)
+        by = {(r["method"], r["derivative"]): r for r in res["rows"]}
+        implicit = next(r["method"] for r in res["rows"] if r["method"].startswith("implicit"))
+        unrolled = [m for m in dict.fromkeys(r["method"] for r in res["rows"])
+                    if m.startswith("unrolled")][-2:]
+        parts = []
+        for d, label in (("hvp params", "Hessian-vector product in the parameters"),
+                         ("force", "input gradient dL/dx"), ("jvp x", "forward-mode JVP")):
+            i = by[(implicit, d)]
+            vs = ", ".join(
+                f"{by[(u, d)]['time_ms'] / i['time_ms']:.2f}x the time and "
+                f"{by[(u, d)]['temp_bytes'] / i['temp_bytes']:.2f}x the memory at "
+                f"{u.split(': ')[1].split(' ')[0]} steps (error {by[(u, d)]['rel_error']:.0e})"
+                for u in unrolled)
+            parts.append(f"{label}: implicit {i['time_ms']:.1f} ms, "
+                         f"{i['temp_bytes'] / 2**20:.0f} MiB (error {i['rel_error']:.0e}); "
+                         f"unrolled {vs}")
+        lines.append(
+            f"- **Derivatives beyond the gradient**, the core benchmark's cell, batch "
+            f"{c['batch']}, {c['channels']} channels ([{path.stem}](experiments/results/"
+            f"{rel.with_suffix('.md')}); {_prov_line(res['provenance'], stale.get(rel.parts[0]), '')}"
+            f"): " + "; ".join(parts) + ". Errors are against a tight implicit reference.")
     return lines
 
 
@@ -586,6 +640,7 @@ def readme_block(results: Path = RESULTS) -> str:
         *(line for name, title in TITLES.items()
           for line in _seeds_lines(name, title, results, stale)),
         *_bench_core_lines(results, stale),
+        *_bench_derivatives_lines(results, stale),
         *_bench_eager_lines(results, stale),
         *_bench_own_cell_lines(results, stale),
     ]
