@@ -67,7 +67,9 @@ def fixed_point(
     solver steps). Gradients flow to every floating-point array in ``args`` and to arrays that
     ``fn`` closes over (they are converted to explicit arguments with
     ``jax.closure_convert``); ``z0`` receives a zero gradient, as the fixed point does not
-    depend on where the solve starts. Works under ``jit``, ``vmap`` and ``grad``.
+    depend on where the solve starts. Works under ``jit`` and ``vmap`` and, with the default
+    :class:`deq.ImplicitAdjoint`, every differentiation transform (``grad``, ``jvp``,
+    ``jacfwd``, ``jacrev``, ``hessian``, ...), implicitly at every order.
 
     Args:
       fn: the map ``f(z, args) -> z``.
@@ -153,7 +155,7 @@ def fixed_point(
     z0 = jax.tree_util.tree_map(jnp.asarray, z0)
     _check_structure(lambda z, a: fn(z, merge(a)), z0, arr_leaves)
 
-    # Arrays that fn closes over become explicit inputs of the custom VJP: without this,
+    # Arrays that fn closes over become explicit inputs of the custom JVP: without this,
     # gradients w.r.t. closed-over parameters would be silently wrong.
     converted, consts = jax.closure_convert(lambda z, a: fn(z, merge(a)), z0, arr_leaves)
 

@@ -135,7 +135,7 @@ def backward_stats_cotangent(steps, abs_residual, u_norm, result, dtype):
 def backward_stats_probe(dtype=jnp.float32) -> jax.Array:
     """A zero vector to pass as ``probe=`` to :func:`deq.fixed_point`.
 
-    JAX's custom VJPs cannot return auxiliary data from the backward pass, so the adjoint
+    A JAX derivative rule cannot return auxiliary data from the backward pass, so the adjoint
     solve writes its statistics into the cotangent of this probe. Differentiate with respect
     to the probe as well as the parameters, then decode with :func:`backward_stats`. The
     probe does not change the forward value. One probe may serve several solves (e.g. every
