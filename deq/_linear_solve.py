@@ -127,7 +127,7 @@ class IterativeAdjointSolver(AdjointLinearSolver):
         stats = LinearSolveStats(
             num_steps=st.num_steps,
             abs_residual=jnp.linalg.norm(st.abs_residual_per_sample.astype(work_dtype)),
-            u_norm=jnp.linalg.norm(u.astype(work_dtype)), converged=st.converged,
+            u_norm=jnp.linalg.norm(jnp.abs(u).astype(work_dtype)), converged=st.converged,
             result=st.result)
         return u, stats
 
