@@ -81,3 +81,25 @@ def test_linen_layer_jvp_and_hessian_in_input(x64):
     h = jax.hessian(lambda x: _loss(layer.apply(variables, x)))(x)
     np.testing.assert_allclose(h, jax.hessian(lambda x: _loss(_unrolled(cell, x)))(x),
                                rtol=1e-8, atol=1e-10)
+
+
+def test_package_conv_cell_takes_forward_mode_and_second_order():
+    # MDEQCell's convolutions have a rewritten derivative on CPU (deq.cells.conv2d_same): it is
+    # a custom JVP, so forward mode and Hessians go through the package's cells too.
+    from deq.cells.nnx import MDEQCell
+
+    layer = deq.nnx.DEQ(MDEQCell(4, 4, num_groups=2, rngs=nnx.Rngs(0)), max_steps=60,
+                        solver=deq.Anderson(rtol=1e-6, atol=1e-8),
+                        adjoint=deq.ImplicitAdjoint(solver=deq.GMRES(rtol=1e-7, atol=1e-9)))
+    x = jax.random.normal(jax.random.key(1), (1, 5, 5, 4))
+    t = jax.random.normal(jax.random.key(2), x.shape)
+    w = jax.random.normal(jax.random.key(3), (1, 5, 5, 4))
+    loss = lambda x: jnp.sum(w * layer(x))
+    jvp = jax.jvp(loss, (x,), (t,))[1]
+    grad = jax.grad(loss)(x)
+    assert abs(float(jvp)) > 1e-2
+    np.testing.assert_allclose(jvp, jnp.sum(grad * t), rtol=1e-4)  # forward = reverse
+    hvp = jax.jvp(jax.grad(loss), (x,), (t,))[1]
+    eps = 1e-2
+    fd = (jax.grad(loss)(x + eps * t) - jax.grad(loss)(x - eps * t)) / (2 * eps)
+    np.testing.assert_allclose(hvp, fd, rtol=2e-2, atol=2e-2 * float(jnp.abs(fd).max()))

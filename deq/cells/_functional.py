@@ -112,56 +112,61 @@ def _conv_nhwc(x, kernel, precision=None):
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d_same_vjp(x, kernel, precision):
-    return _conv_nhwc(x, kernel, precision)
+@partial(jax.checkpoint, static_argnums=(2,))
+def _conv_tangent_kernel(x, dkernel, precision):
+    """``conv(x, dkernel)`` as one small matmul per kernel offset (x shifted against it).
 
-
-def _conv2d_same_fwd(x, kernel, precision):
-    return _conv_nhwc(x, kernel, precision), (x, kernel)
-
-
-def _conv2d_same_bwd(precision, res, g):
-    x, kernel = res
-    gx = _conv_nhwc(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), precision)
-    # The kernel cotangent as one small matmul per kernel offset (x shifted against the
-    # cotangent), one offset at a time: XLA:CPU's backward-filter convolution for these shapes
-    # (a huge contraction into a tiny kernel) is several times slower inside loops, and
-    # im2col patches would hold kh * kw copies of the activation at once.
-    kh, kw, cin, cout = kernel.shape
+    Linear in ``dkernel``: JAX's transpose is then one ``(cin, cout)`` contraction per offset,
+    not XLA:CPU's backward-filter convolution (a huge contraction into a tiny kernel, several
+    times slower inside loops). Rematerialised, so that reverse mode keeps ``x`` rather than
+    ``kh * kw`` shifted copies of it."""
+    kh, kw, cin, _ = dkernel.shape
     n, h, w, _ = x.shape
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-
-    acc = jnp.promote_types(kernel.dtype, jnp.float32)  # accumulate bf16 in f32, f64 in f64
-
-    def offset(i, gk):
-        dy, dx = i // kw, i % kw
-        xs = jax.lax.dynamic_slice(xp, (0, dy, dx, 0), (n, h, w, cin))
-        blk = jnp.einsum("nhwi,nhwo->io", xs, g, preferred_element_type=acc,
-                         precision=precision)
-        return jax.lax.dynamic_update_slice(gk, blk[None, None], (dy, dx, 0, 0))
-
-    gk = jax.lax.fori_loop(0, kh * kw, offset, jnp.zeros((kh, kw, cin, cout), acc))
-    return gx.astype(x.dtype), gk.astype(kernel.dtype)
+    acc = jnp.promote_types(dkernel.dtype, jnp.float32)  # accumulate bf16 in f32
+    out = 0
+    for dy in range(kh):
+        for dx in range(kw):
+            xs = jax.lax.slice(xp, (0, dy, dx, 0), (n, dy + h, dx + w, cin))
+            out = out + jnp.einsum("nhwi,io->nhwo", xs, dkernel[dy, dx], precision=precision,
+                                   preferred_element_type=acc)
+    return out.astype(jnp.result_type(x, dkernel))
 
 
-_conv2d_same_vjp.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv2d_same(x, kernel, precision):
+    return _conv_nhwc(x, kernel, precision)
+
+
+@_conv2d_same.defjvp
+def _conv2d_same_jvp(precision, primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    # conv(dx, kernel) on the (H, W, O, I) view of the kernel: the same values, and JAX's
+    # transpose in dx is then a plain NHWC/HWIO convolution with the flipped kernel (JAX's
+    # own rule gives a swapped kernel layout that XLA:CPU runs 5-15x slower inside loops).
+    tx = jax.lax.conv_general_dilated(dx, kernel.swapaxes(2, 3), (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWOI", "NHWC"),
+                                      precision=precision)
+    tk = _conv_tangent_kernel(x, dkernel, precision)
+    return _conv_nhwc(x, kernel, precision), (tx + tk).astype(jnp.result_type(x, kernel))
 
 
 def conv2d_same(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     """Stride-1 'SAME' convolution, NHWC input, HWIO kernel with odd spatial sizes.
 
-    Same values and gradients as ``lax.conv_general_dilated``; only the gradient is written
-    differently: the input cotangent as a plain convolution of the cotangent with the
-    spatially flipped, in/out-swapped kernel, and the kernel cotangent as one small matmul per
-    kernel offset. JAX's own rules produce a transposed convolution with an ``OIHW``-style
-    kernel layout and a backward-filter convolution, which XLA:CPU runs 5-15x slower when they
-    sit inside a ``while`` or ``scan`` body -- exactly where a DEQ's adjoint solve and unrolled
-    backprop put them. This function always uses the rewritten gradient; :func:`conv_same`
+    Same values and derivatives as ``lax.conv_general_dilated``, in every mode (a custom JVP
+    that JAX transposes for reverse mode); only the derivative is written differently, so
+    that its transpose is a plain convolution of the cotangent with the spatially flipped,
+    in/out-swapped kernel (input cotangent) and one small matmul per kernel offset (kernel
+    cotangent). JAX's own rules produce a transposed convolution with an ``OIHW``-style kernel
+    layout and a backward-filter convolution, which XLA:CPU runs 5-15x slower when they sit
+    inside a ``while`` or ``scan`` body -- exactly where a DEQ's adjoint solve and unrolled
+    backprop put them. This function always uses the rewritten derivative; :func:`conv_same`
     uses it only on CPU.
     """
-    return _conv2d_same_vjp(x, kernel, precision)
+    return _conv2d_same(x, kernel, precision)
 
 
 def conv_same(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:

@@ -248,9 +248,8 @@ class Conv(nnx.Conv):
     symmetric padding), no dilation, ``feature_group_count=1`` -- and raises ``ValueError``
     for anything else.
 
-    The gradient is a ``jax.custom_vjp``: reverse mode (``jax.grad``, ``nnx.grad``, the DEQ's
-    adjoint and Jacobian penalty) works everywhere; forward mode (``jax.jvp``, ``jacfwd``) does
-    not, as for the package's own cells.
+    The derivative is a custom JVP that JAX transposes for reverse mode: ``jax.grad``,
+    ``nnx.grad``, ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` all work.
 
     Example usage::
 
