@@ -21,6 +21,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Params = dict
 
@@ -112,25 +113,28 @@ def _conv_nhwc(x, kernel, precision=None):
     )
 
 
-@partial(jax.checkpoint, static_argnums=(2,))
 def _conv_tangent_kernel(x, dkernel, precision):
     """``conv(x, dkernel)`` as one small matmul per kernel offset (x shifted against it).
 
     Linear in ``dkernel``: JAX's transpose is then one ``(cin, cout)`` contraction per offset,
     not XLA:CPU's backward-filter convolution (a huge contraction into a tiny kernel, several
-    times slower inside loops). Rematerialised, so that reverse mode keeps ``x`` rather than
-    ``kh * kw`` shifted copies of it."""
-    kh, kw, cin, _ = dkernel.shape
+    times slower inside loops). One offset at a time, each rematerialised: reverse mode keeps
+    ``x``, never ``kh * kw`` shifted copies of it."""
+    kh, kw, cin, cout = dkernel.shape
     n, h, w, _ = x.shape
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     acc = jnp.promote_types(dkernel.dtype, jnp.float32)  # accumulate bf16 in f32
-    out = 0
-    for dy in range(kh):
-        for dx in range(kw):
-            xs = jax.lax.slice(xp, (0, dy, dx, 0), (n, dy + h, dx + w, cin))
-            out = out + jnp.einsum("nhwi,io->nhwo", xs, dkernel[dy, dx], precision=precision,
-                                   preferred_element_type=acc)
+
+    @jax.checkpoint
+    def offset(i, out):
+        dy, dx = i // kw, i % kw
+        xs = jax.lax.dynamic_slice(xp, (0, dy, dx, 0), (n, h, w, cin))
+        k = jax.lax.dynamic_slice(dkernel, (dy, dx, 0, 0), (1, 1, cin, cout))[0, 0]
+        return out + jnp.einsum("nhwi,io->nhwo", xs, k, precision=precision,
+                                preferred_element_type=acc)
+
+    out = jax.lax.fori_loop(0, kh * kw, offset, jnp.zeros((n, h, w, cout), acc))
     return out.astype(jnp.result_type(x, dkernel))
 
 
@@ -139,18 +143,23 @@ def _conv2d_same(x, kernel, precision):
     return _conv_nhwc(x, kernel, precision)
 
 
-@_conv2d_same.defjvp
+@partial(_conv2d_same.defjvp, symbolic_zeros=True)
 def _conv2d_same_jvp(precision, primals, tangents):
     x, kernel = primals
     dx, dkernel = tangents
-    # conv(dx, kernel) on the (H, W, O, I) view of the kernel: the same values, and JAX's
-    # transpose in dx is then a plain NHWC/HWIO convolution with the flipped kernel (JAX's
-    # own rule gives a swapped kernel layout that XLA:CPU runs 5-15x slower inside loops).
-    tx = jax.lax.conv_general_dilated(dx, kernel.swapaxes(2, 3), (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWOI", "NHWC"),
-                                      precision=precision)
-    tk = _conv_tangent_kernel(x, dkernel, precision)
-    return _conv_nhwc(x, kernel, precision), (tx + tk).astype(jnp.result_type(x, kernel))
+    out = _conv_nhwc(x, kernel, precision)
+    parts = []
+    if not isinstance(dx, SymbolicZero):
+        # conv(dx, kernel) on the (H, W, O, I) view of the kernel: the same values, and JAX's
+        # transpose in dx is then a plain NHWC/HWIO convolution with the flipped kernel (JAX's
+        # own rule gives a swapped kernel layout that XLA:CPU runs 5-15x slower in loops).
+        parts.append(jax.lax.conv_general_dilated(
+            dx, kernel.swapaxes(2, 3), (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWOI", "NHWC"), precision=precision))
+    if not isinstance(dkernel, SymbolicZero):  # e.g. not in the DEQ's z-direction solves
+        parts.append(_conv_tangent_kernel(x, dkernel, precision))
+    tangent = sum(parts[1:], parts[0]) if parts else jnp.zeros_like(out)
+    return out, tangent.astype(out.dtype)
 
 
 def conv2d_same(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
