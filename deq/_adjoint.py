@@ -142,18 +142,14 @@ class ImplicitAdjoint(Adjoint):
 
         Returns ``u`` and the probe cotangent holding the solve's statistics."""
         u, stats = self._solve_linear(vjp_z, g, _warn_backward)
-        work_dtype = jnp.promote_types(_real_dtype(g), jnp.float32)
         probe_cotangent = backward_stats_cotangent(
-            stats.num_steps, stats.abs_residual, stats.u_norm, stats.result, work_dtype)
+            stats.num_steps, stats.abs_residual, stats.u_norm, stats.result,
+            _loop.residual_dtype(g))
         return u, probe_cotangent
 
     def solve_tangent_system(self, jvp_z, rhs):
         """Solve ``v = rhs + jvp_z(v)`` (forward mode) on ``(batch, dim)`` matrices."""
         return self._solve_linear(jvp_z, rhs, _warn_tangent)[0]
-
-
-def _real_dtype(x):
-    return jnp.finfo(jnp.result_type(x)).dtype
 
 
 _FAILED_SOLVE_ADVICE = (

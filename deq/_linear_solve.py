@@ -115,7 +115,7 @@ class IterativeAdjointSolver(AdjointLinearSolver):
     solver: ForwardSolver
 
     def solve(self, vjp, rhs, max_steps):
-        work_dtype = jnp.promote_types(jnp.finfo(rhs.dtype).dtype, jnp.float32)
+        work_dtype = _loop.residual_dtype(rhs)
 
         def adjoint_map(u):
             return rhs + vjp(u)

@@ -21,7 +21,7 @@ from deq._solution import RESULTS, SolverStats
 from deq._solvers import ForwardSolver
 
 
-def _residual_dtype(z):
+def residual_dtype(z):
     """Residual norms and tolerances are real, in at least float32 (bf16 states included)."""
     return jnp.promote_types(jnp.finfo(z.dtype).dtype, jnp.float32)
 
@@ -29,7 +29,7 @@ def _residual_dtype(z):
 def _norms(x):
     """Per-sample Euclidean norms of a ``(B, D)`` matrix, from ``|x|`` (complex entries
     included: ``x * x`` would let ``1`` and ``1j`` cancel), in the residual dtype."""
-    dt = _residual_dtype(x)
+    dt = residual_dtype(x)
     a = jnp.abs(x).astype(dt)
     return jnp.sqrt(jnp.sum(a * a, axis=1))
 
@@ -122,17 +122,17 @@ def solve(f, solver: ForwardSolver, z0, max_steps: int):
     independent: one that converges, or turns non-finite, is frozen at its best iterate while
     the others go on. Returns ``(z_best, SolverStats)``.
     """
-    residual_dtype = _residual_dtype(z0)
+    res_dtype = residual_dtype(z0)
     bsz = z0.shape[0]
     fz0 = f(z0)
-    nan_trace = jnp.full((max_steps,), jnp.nan, residual_dtype)
+    nan_trace = jnp.full((max_steps,), jnp.nan, res_dtype)
     s = _LoopState(
         step=jnp.ones((), jnp.int32), z=z0, fz=fz0, solver_state=solver.init(z0, fz0),
-        best_z=z0, best_abs=jnp.full((bsz,), jnp.inf, residual_dtype),
-        best_rel=jnp.full((bsz,), jnp.inf, residual_dtype),
-        best_tol=jnp.zeros((bsz,), residual_dtype), failed=jnp.zeros((bsz,), jnp.bool_),
+        best_z=z0, best_abs=jnp.full((bsz,), jnp.inf, res_dtype),
+        best_rel=jnp.full((bsz,), jnp.inf, res_dtype),
+        best_tol=jnp.zeros((bsz,), res_dtype), failed=jnp.zeros((bsz,), jnp.bool_),
         abs_trace=nan_trace, rel_trace=nan_trace,
-        best_progress=jnp.asarray(jnp.inf, residual_dtype),
+        best_progress=jnp.asarray(jnp.inf, res_dtype),
         steps_without_progress=jnp.zeros((), jnp.int32), result=jnp.zeros((), jnp.int32),
         result_per_sample=jnp.zeros((bsz,), jnp.int32), done=jnp.zeros((), jnp.bool_),
     )
@@ -210,7 +210,7 @@ def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
         fz = _select_rows(failed, best_z, fz)
         return fz, best_z, best_res, best_rel, failed, (res, nf, failed)
 
-    inf = jnp.full((z0.shape[0],), jnp.inf, _residual_dtype(z0))
+    inf = jnp.full((z0.shape[0],), jnp.inf, residual_dtype(z0))
     no_failure = jnp.zeros((z0.shape[0],), jnp.bool_)
     fz0, *best0, ys0 = record_evaluation(z0, fz0, z0, inf, inf, no_failure)
 

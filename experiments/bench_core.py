@@ -409,37 +409,38 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_core",
-                                 description=__doc__.split("\n\n")[0])
+def problem_parser(prog: str, doc: str, defaults: dict, out: str) -> argparse.ArgumentParser:
+    """The options every benchmark of the conv problem takes (sizes, conv VJP, precision)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     for k in ("batch", "channels", "size", "repeats", "max_steps"):
-        ap.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {DEFAULTS[k]}")
-    ap.add_argument("--unroll", type=int, nargs="+", help="unrolled depths (default 8 16 32 64)")
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {defaults[k]}")
+    ap.add_argument("--unroll", type=int, nargs="+", help="unrolled depths (default "
+                    f"{' '.join(map(str, defaults['unroll']))})")
     ap.add_argument("--scale", type=float, help="recurrent kernel scale (default: calibrated)")
     ap.add_argument("--conv-vjp", choices=CONVS, default="jax",
                     help="how the convs are differentiated (hwio: deq.cells.conv2d_same)")
     ap.add_argument("--precision", choices=("default", "high", "highest"), default="highest",
                     help="JAX matmul and conv precision (default highest)")
-    ap.add_argument("--no-peers", action="store_true", help="skip jaxopt and optimistix")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    ap.add_argument("--note", default="", help="free text saved with the results")
-    ap.add_argument("--out", type=Path, default=Path("experiments/results/bench_core"))
+    ap.add_argument("--out", type=Path, default=Path(out))
+    return ap
+
+
+def parse_problem_args(ap, argv, defaults: dict, quick: dict) -> argparse.Namespace:
+    """Parse, filling unset sizes from ``defaults`` (``quick`` with --quick)."""
     a = ap.parse_args(argv)
-    for k, v in (QUICK if a.quick else DEFAULTS).items():
+    for k, v in (quick if a.quick else defaults).items():
         setattr(a, k, v if getattr(a, k, None) is None else getattr(a, k))
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    a.missing = {k: "skipped (--no-peers)" if a.no_peers else None if all(map(find_spec, m))
-                 else "not installed (pip install jaxopt optimistix)"
-                 for k, m in (("jaxopt", ["jaxopt"]), ("optimistix", ["optimistix", "lineax"]))}
     return a
 
 
-def main(argv=None) -> dict:
-    a = parse_args(argv)
+def run_and_save(a, name: str, run, to_markdown) -> dict:
+    """``run(a)`` at ``a.precision``, then its markdown, JSON and provenance under ``a.out``."""
     with jax.default_matmul_precision(a.precision), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # failed solves show in the tables
         res = run(a)
-    stem = a.out / (f"bench_core_{res['provenance']['machine']['backend']}_b{a.batch}_"
+    stem = a.out / (f"{name}_{res['provenance']['machine']['backend']}_b{a.batch}_"
                     f"c{a.channels}_s{a.size}_{a.conv_vjp}_{a.precision}")
     a.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(md := to_markdown(res))
@@ -447,6 +448,22 @@ def main(argv=None) -> dict:
     (a.out / "provenance.json").write_text(json.dumps(res["provenance"], indent=1) + "\n")
     print(f"{md}\nwrote {stem}.md and .json")
     return res
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = problem_parser("python -m experiments.bench_core", __doc__, DEFAULTS,
+                        "experiments/results/bench_core")
+    ap.add_argument("--no-peers", action="store_true", help="skip jaxopt and optimistix")
+    ap.add_argument("--note", default="", help="free text saved with the results")
+    a = parse_problem_args(ap, argv, DEFAULTS, QUICK)
+    a.missing = {k: "skipped (--no-peers)" if a.no_peers else None if all(map(find_spec, m))
+                 else "not installed (pip install jaxopt optimistix)"
+                 for k, m in (("jaxopt", ["jaxopt"]), ("optimistix", ["optimistix", "lineax"]))}
+    return a
+
+
+def main(argv=None) -> dict:
+    return run_and_save(parse_args(argv), "bench_core", run, to_markdown)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,8 @@ ones differentiate every step. E.g. ``--quick --out /tmp/d`` (smoke run).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
-import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +37,9 @@ from experiments.bench_core import (
     deq_solve,
     make_problem,
     md_table,
+    parse_problem_args,
+    problem_parser,
+    run_and_save,
     solver,
     time_interleaved,
 )
@@ -155,38 +154,13 @@ def to_markdown(res: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_derivatives",
-                                 description=__doc__.split("\n\n")[0])
-    for k in ("batch", "channels", "size", "repeats", "max_steps"):
-        ap.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {DEFAULTS[k]}")
-    ap.add_argument("--unroll", type=int, nargs="+", help="unrolled depths (default 16 32 64)")
-    ap.add_argument("--scale", type=float, help="recurrent kernel scale (default: calibrated)")
-    ap.add_argument("--conv-vjp", choices=CONVS, default="jax",
-                    help="how the convs are differentiated (hwio: deq.cells.conv2d_same)")
-    ap.add_argument("--precision", choices=("default", "high", "highest"), default="highest",
-                    help="JAX matmul and conv precision (default highest)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    ap.add_argument("--out", type=Path, default=Path("experiments/results/bench_derivatives"))
-    a = ap.parse_args(argv)
-    for k, v in (QUICK if a.quick else DEFAULTS).items():
-        setattr(a, k, v if getattr(a, k, None) is None else getattr(a, k))
-    a.argv = list(sys.argv[1:] if argv is None else argv)
-    return a
+    ap = problem_parser("python -m experiments.bench_derivatives", __doc__, DEFAULTS,
+                        "experiments/results/bench_derivatives")
+    return parse_problem_args(ap, argv, DEFAULTS, QUICK)
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    with jax.default_matmul_precision(a.precision), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # failed solves show as errors
-        res = run(a)
-    stem = a.out / (f"bench_derivatives_{res['provenance']['machine']['backend']}_b{a.batch}_"
-                    f"c{a.channels}_s{a.size}_{a.conv_vjp}_{a.precision}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(md := to_markdown(res))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    (a.out / "provenance.json").write_text(json.dumps(res["provenance"], indent=1) + "\n")
-    print(f"{md}\nwrote {stem}.md and .json")
-    return res
+    return run_and_save(parse_args(argv), "bench_derivatives", run, to_markdown)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ if [ -n "${BEFORE_TREE:-}" ]; then
     (cd "$BEFORE_TREE" && DEQ_SOURCE_COMMIT=${BEFORE_COMMIT:-unknown} PYTHONPATH="$PWD:${PYTHONPATH:-}" \
         timeout "${CORE_TIMEOUT:-240}" python3 -m experiments.bench_core "${sizes[@]}" \
         --no-peers --out "$before_out") 2>&1 | tee "$out/bench_core_before.log" || status=1
+    # Part of this set: its JSON names the earlier commit; no provenance.json of its own, or
+    # it would read as a result set of its own, stale by design.
+    rm -f "$before_out/provenance.json"
 fi
 if [ "${WITH_MNIST:-0}" = "1" ] && [ -n "${DEQ_MNIST_DIR:-}" ] && [ -d "$DEQ_MNIST_DIR" ]; then
     python3 -m experiments.reproduce mnist --seeds 1 --out "$out/mnist" \
