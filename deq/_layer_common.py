@@ -13,6 +13,7 @@ and options instead of on every call. Under an outer ``jit`` the inner one is in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -25,14 +26,15 @@ import numpy as np
 from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats
-from deq._solvers import ForwardSolver
-from deq._validate import check_bool, check_int, check_max_steps
-from deq.regularization import jacobian_regularization
+from deq._solvers import Anderson, Broyden, ForwardSolver
+from deq._validate import check_bool, check_float, check_int, check_max_steps
+from deq.regularization import AdaptiveWeight, jacobian_regularization
 
 # The layers' forward budget, below deq.fixed_point's 50: a layer's solve runs on every
 # training step, where the implicit gradient needs only an approximate fixed point, and
 # eval_max_steps raises the budget for evaluation.
 DEFAULT_MAX_STEPS = 30
+DEFAULT_EVAL_MAX_STEPS = 100
 DEFAULT_WARN_UNCONVERGED_AFTER = 20
 
 # Why each kind of stateful layer cannot live inside a fixed-point map, and what to use instead.
@@ -88,11 +90,17 @@ precision: matmul precision inside the solves (e.g. ``"highest"``), see
 jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
 jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
   batch (still unbiased; its second-order backward pass is the expensive part).
-eval_solver: forward solver in evaluation mode (default: ``solver``).
-eval_max_steps: budget of the forward solve in evaluation mode (default:
-  ``max_steps``). Evaluation often needs a tighter solve than training, which can live
-  with a few unconverged steps; the stats' traces have length
-  ``max(max_steps, eval_max_steps)``.
+jac_reg_weight: the penalty's weight, already applied to the value the layer reports: a
+  number (default 1: the plain estimate, to scale in the loss yourself), or ``"auto"`` /
+  a :class:`deq.regularization.AdaptiveWeight`: zero while the training solves converge
+  within half their budget (the estimate is then skipped), up to 1 as they approach it.
+eval_solver: forward solver in evaluation mode (default: ``solver`` with a
+  :class:`deq.Broyden` fallback of the same tolerances, which takes over the samples the
+  solver leaves unconverged, from their best iterates).
+eval_max_steps: budget of the forward solve in evaluation mode (default: the larger of 100
+  and ``max_steps``; a sample stops when it converges, so evaluation costs the steps it
+  needs, not the budget). The stats' traces have the length of the longest budget,
+  fallback included.
 warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many training
   solves of layers with this cell class have stopped unconverged; None never warns.
 """
@@ -117,6 +125,8 @@ class LayerStats(NamedTuple):
       rel_trace: likewise relative.
       converged: bool, every sample met the solver's tolerance.
       result: int32 :class:`deq.RESULTS` code.
+      converged_fraction: float32, the fraction of the samples that met the tolerance (1 for
+        an unbatched solve that converged).
     """
 
     num_steps: Any
@@ -128,6 +138,7 @@ class LayerStats(NamedTuple):
     rel_trace: Any
     converged: Any
     result: Any
+    converged_fraction: Any
 
     @classmethod
     def from_solver_stats(cls, stats: SolverStats, trace_length: int) -> LayerStats:
@@ -147,6 +158,8 @@ class LayerStats(NamedTuple):
             rel_trace=trace(stats.rel_trace),
             converged=jnp.asarray(stats.converged, jnp.bool_),
             result=jnp.asarray(stats.result, jnp.int32),
+            converged_fraction=jnp.mean(
+                jnp.asarray(stats.result_per_sample) == RESULTS.SUCCESSFUL, dtype=jnp.float32),
         )
 
     @classmethod
@@ -159,13 +172,15 @@ class LayerStats(NamedTuple):
             mean_abs_residual=nan, mean_rel_residual=nan, abs_trace=trace, rel_trace=trace,
             converged=jnp.zeros((), jnp.bool_),
             result=jnp.asarray(RESULTS.MAX_STEPS, jnp.int32),
+            converged_fraction=jnp.zeros((), jnp.float32),
         )
 
     def summary(self) -> str:
         """One line for logs (needs concrete values, i.e. call it outside jit)."""
         return (
             f"steps={int(self.num_steps)} abs={float(self.abs_residual):.3e} "
-            f"rel={float(self.rel_residual):.3e} result={RESULTS.describe(self.result)}"
+            f"rel={float(self.rel_residual):.3e} result={RESULTS.describe(self.result)} "
+            f"converged={100 * float(self.converged_fraction):.1f}%"
         )
 
 
@@ -219,14 +234,44 @@ def validate(layer: str, options: Any) -> None:
     if o.deterministic is not None:
         check_bool(layer, "deterministic", o.deterministic)
     check_int(layer, "jac_reg_samples", o.jac_reg_samples, minimum=0)
+    w = o.jac_reg_weight
+    if isinstance(w, str):
+        if w != "auto":
+            raise ValueError(f"{layer}: jac_reg_weight must be a number >= 0, 'auto' or a "
+                             f"deq.regularization.AdaptiveWeight, got {w!r}.")
+    elif not isinstance(w, AdaptiveWeight):
+        check_float(layer, "jac_reg_weight", w, minimum=0.0)
     check_int(layer, "jac_reg_batch", o.jac_reg_batch, minimum=1, allow_none=True)
     if o.jac_reg_batch is not None and not o.batched:
         raise ValueError(f"{layer}: jac_reg_batch needs batched=True (a batch to subsample).")
 
 
+def eval_solver(options: Any) -> ForwardSolver:
+    """The forward solver of evaluation mode: ``eval_solver`` if given, else ``solver`` (the
+    default Anderson if None) with a Broyden fallback of the same tolerances when it has no
+    fallback of its own."""
+    if options.eval_solver is not None:
+        return options.eval_solver
+    solver = options.solver if options.solver is not None else Anderson()
+    if solver.fallback is not None:
+        return solver
+    return dataclasses.replace(solver, fallback=Broyden(rtol=solver.rtol, atol=solver.atol))
+
+
+def eval_max_steps(options: Any) -> int:
+    """The forward budget of evaluation mode: ``eval_max_steps``, else the larger of
+    ``DEFAULT_EVAL_MAX_STEPS`` and ``max_steps`` (a solve stops when its samples converge, so
+    an unused budget costs nothing)."""
+    if options.eval_max_steps:
+        return int(options.eval_max_steps)
+    return max(DEFAULT_EVAL_MAX_STEPS, int(options.max_steps))
+
+
 def trace_length(options: Any) -> int:
     """Length of the stats' residual traces: the longest budget, training or evaluation."""
-    return max(int(options.max_steps), int(options.eval_max_steps or 0))
+    solver = options.solver if options.solver is not None else Anderson()
+    return max(solver.budget(int(options.max_steps)),
+               eval_solver(options).budget(eval_max_steps(options)))
 
 
 class CallOptions(NamedTuple):
@@ -251,8 +296,7 @@ class CallOptions(NamedTuple):
         ``watch=False`` does not count unconverged solves (e.g. Linen's ``init``)."""
         solver, max_steps = options.solver, options.max_steps
         if deterministic:
-            solver = options.eval_solver if options.eval_solver is not None else solver
-            max_steps = options.eval_max_steps or max_steps
+            solver, max_steps = eval_solver(options), eval_max_steps(options)
         warn = options.warn_unconverged_after
         # Unrolled backprop runs a fixed number of steps: convergence is not its contract.
         if isinstance(options.adjoint, UnrolledAdjoint):
@@ -404,32 +448,52 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     return _forward(cell, options, state, x, probe)
 
 
-def _penalty(cell: Any, num_samples: int, sub_batch: int | None, z, state, x, key):
+def _penalty(cell: Any, num_samples: int, sub_batch: int | None, weight: Any, max_steps: int,
+             z, state, x, key, num_steps):
     fn = lambda z, args: cell(args[0], z, args[1])
     if sub_batch is not None:
         z = jax.tree_util.tree_map(lambda a: a[:sub_batch], z)
         x = x[:sub_batch]
-    penalty = jacobian_regularization(
-        fn, jax.lax.stop_gradient(z), (state, x), key, num_samples
-    )
-    return penalty.astype(jnp.float32)
+
+    def estimate(state, x):
+        if jax.tree_util.tree_leaves(z)[0].shape[:1] == (0,):
+            return jnp.zeros((), jnp.float32)  # an empty batch: nothing to penalise
+        penalty = jacobian_regularization(
+            fn, jax.lax.stop_gradient(z), (state, x), key, num_samples)
+        return penalty.astype(jnp.float32)
+
+    if not isinstance(weight, AdaptiveWeight):
+        return weight * estimate(state, x)
+    w = jax.lax.stop_gradient(weight(num_steps, max_steps))
+    # No penalty, and no work, while the solves stay within the weight's target.
+    return jax.lax.cond(w > 0, lambda s, x: w * estimate(s, x),
+                        lambda s, x: jnp.zeros((), jnp.float32), state, x)
 
 
-_penalty_jit = jax.jit(_penalty, static_argnums=(0, 1, 2))
+_penalty_jit = jax.jit(_penalty, static_argnums=(0, 1, 2, 3, 4))
 
 
-def jacobian_penalty(cell: Any, z: Any, state: Any, x: jax.Array, key: jax.Array,
-                     num_samples: int, sub_batch: int | None = None):
-    """Jacobian penalty at the fixed point, which is held constant (as in Bai et al., 2021).
-
-    With ``sub_batch``, only the first ``sub_batch`` samples are used: the estimate is a
-    per-sample mean, so this is still unbiased, and its second-order backward pass (the
-    costly part) shrinks with the batch. Returned in float32 whatever the model's dtype, so
-    that the stored value keeps one dtype.
+def jacobian_penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
+                     key: jax.Array, stats: LayerStats):
+    """The weighted Jacobian penalty at the fixed point, which is held constant (as in Bai
+    et al., 2021): ``jac_reg_weight`` times :func:`jacobian_regularization` with
+    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (the estimate is
+    a per-sample mean, so still unbiased, and its second-order backward pass -- the costly
+    part -- shrinks with the batch). With an :class:`AdaptiveWeight` the weight comes from
+    ``stats.num_steps`` of this solve, and a zero weight skips the estimate. Returned in
+    float32 whatever the model's dtype, so that the stored value keeps one dtype.
     """
-    args = (cell, int(num_samples), None if sub_batch is None else int(sub_batch))
+    sub = options.jac_reg_batch
+    args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub),
+            jac_reg_weight(options), int(options.max_steps))
     run = _penalty_jit if _hashable(*args) else _penalty
-    return run(*args, z, state, x, key)
+    return run(*args, z, state, x, key, stats.num_steps)
+
+
+def jac_reg_weight(options: Any) -> float | AdaptiveWeight:
+    """``jac_reg_weight`` as a float or an :class:`AdaptiveWeight` (``"auto"``)."""
+    w = options.jac_reg_weight
+    return AdaptiveWeight() if isinstance(w, str) else w
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ sample's best iterate, and freeze a sample that turns non-finite at its best fin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -118,16 +119,19 @@ def _record_evaluation(solver: ForwardSolver, s: _LoopState, max_steps: int) -> 
 def solve(f, solver: ForwardSolver, z0, max_steps: int):
     """Solve ``z = f(z)`` for a ``(B, D)`` matrix ``z``, stopping by the solver's rule.
 
-    At most ``max_steps`` (>= 1, checked by the caller) evaluations of ``f``. Samples are
+    At most ``max_steps`` (>= 1, checked by the caller) evaluations of ``f``, and as many
+    again for ``solver.fallback`` if the solver left samples unconverged. Samples are
     independent: one that converges, or turns non-finite, is frozen at its best iterate while
-    the others go on. Returns ``(z_best, SolverStats)``.
+    the others go on. Returns ``(z_best, SolverStats)``; the traces have length
+    ``solver.budget(max_steps)``.
     """
     res_dtype = residual_dtype(z0)
     bsz = z0.shape[0]
     fz0 = f(z0)
-    nan_trace = jnp.full((max_steps,), jnp.nan, res_dtype)
+    nan_trace = jnp.full((solver.budget(max_steps),), jnp.nan, res_dtype)
+    primary = solver.without_fallback()
     s = _LoopState(
-        step=jnp.ones((), jnp.int32), z=z0, fz=fz0, solver_state=solver.init(z0, fz0),
+        step=jnp.ones((), jnp.int32), z=z0, fz=fz0, solver_state=primary.init(z0, fz0),
         best_z=z0, best_abs=jnp.full((bsz,), jnp.inf, res_dtype),
         best_rel=jnp.full((bsz,), jnp.inf, res_dtype),
         best_tol=jnp.zeros((bsz,), res_dtype), failed=jnp.zeros((bsz,), jnp.bool_),
@@ -136,22 +140,58 @@ def solve(f, solver: ForwardSolver, z0, max_steps: int):
         steps_without_progress=jnp.zeros((), jnp.int32), result=jnp.zeros((), jnp.int32),
         result_per_sample=jnp.zeros((bsz,), jnp.int32), done=jnp.zeros((), jnp.bool_),
     )
-    s = _record_evaluation(solver, s, max_steps)
+    s = _run(f, primary, primary, _record_evaluation(primary, s, max_steps), max_steps)
+    if solver.fallback is not None:
+        s = _fall_back(f, primary, solver.fallback, s, max_steps)
+    stats = _stats(s.step, s.best_abs, s.best_rel, s.abs_trace, s.rel_trace, s.result,
+                   s.result_per_sample)
+    return s.best_z, stats
+
+
+def _run(f, rule: ForwardSolver, stepper: ForwardSolver, s: _LoopState, max_steps: int):
+    """The while loop: ``stepper`` proposes iterates, ``rule`` decides when to stop."""
 
     def body(s):
         frozen = (s.best_abs <= s.best_tol) | s.failed
-        z_next, solver_state = solver.update(s.z, s.fz, s.solver_state)
+        z_next, solver_state = stepper.update(s.z, s.fz, s.solver_state)
         # Settled samples stay where they are: the batch runs on for the slowest sample
         # only, and a finished sample must not drift away from its fixed point meanwhile.
         z_next = jnp.where(frozen[:, None], s.best_z, z_next)
         fz_next = f(z_next)
         s = s._replace(step=s.step + 1, z=z_next, fz=fz_next, solver_state=solver_state)
-        return _record_evaluation(solver, s, max_steps)
+        return _record_evaluation(rule, s, max_steps)
 
-    s = jax.lax.while_loop(lambda s: ~s.done, body, s)
-    stats = _stats(s.step, s.best_abs, s.best_rel, s.abs_trace, s.rel_trace, s.result,
-                   s.result_per_sample)
-    return s.best_z, stats
+    return jax.lax.while_loop(lambda s: ~s.done, body, s)
+
+
+def _fall_back(f, primary: ForwardSolver, fallback: ForwardSolver, s: _LoopState,
+               max_steps: int):
+    """Second phase: ``fallback`` restarts the unsettled samples from their best iterates, for
+    up to ``max_steps`` more evaluations, with the primary's tolerances and the fallback's
+    stall rule. Skipped (no evaluation) when every sample has settled."""
+    rule = dataclasses.replace(primary, stall_patience=fallback.stall_patience,
+                               stall_factor=fallback.stall_factor)
+    budget = primary.budget(max_steps) + max_steps
+
+    def second_phase(s):
+        fz = f(s.best_z)
+        s = s._replace(
+            step=s.step + 1, z=s.best_z, fz=fz, solver_state=fallback.init(s.best_z, fz),
+            best_progress=jnp.full_like(s.best_progress, jnp.inf),
+            steps_without_progress=jnp.zeros_like(s.steps_without_progress),
+            done=jnp.zeros_like(s.done),
+        )
+        return _run(f, rule, fallback, _record_evaluation(rule, s, budget), budget)
+
+    unsettled = jnp.any((s.best_abs > s.best_tol) & ~s.failed)
+    # The state's solver_state changes type with the solver: carry the primary's out of the
+    # branch unchanged and drop the fallback's.
+    return jax.lax.cond(
+        unsettled,
+        lambda s: second_phase(s)._replace(solver_state=s.solver_state),
+        lambda s: s,
+        s,
+    )
 
 
 def _stats(step, abs_res, rel_res, abs_trace, rel_trace, result, result_per_sample):

@@ -68,12 +68,20 @@ class ForwardSolver(abc.ABC):
     its tolerance) has not improved by ``stall_factor`` within ``stall_patience`` steps.
     :meth:`tolerance` and :meth:`track_stall` are that rule; both loops of ``_loop.py`` apply
     it.
+
+    ``fallback``: another solver that takes over the samples this one leaves unconverged
+    (stagnated or out of steps), each from its best iterate, for up to ``max_steps`` further
+    evaluations (so a solve may take up to twice ``max_steps``); converged samples stay
+    frozen. The tolerances stay this solver's; the stall rule of the second phase is the
+    fallback's. Used by the early-stopping solve (implicit, phantom and Jacobian-free
+    adjoints); a fixed-length unrolled solve runs this solver only.
     """
 
     rtol: float = 1e-4
     atol: float = 1e-6
     stall_patience: int | None = 20
     stall_factor: float = 0.999
+    fallback: ForwardSolver | None = None
 
     def __post_init__(self):
         rtol, atol = check_tolerances(self, self.rtol, self.atol)
@@ -83,6 +91,19 @@ class ForwardSolver(abc.ABC):
             self, "stall_patience", self.stall_patience, minimum=1, allow_none=True))
         set_field(self, "stall_factor", check_float(
             self, "stall_factor", self.stall_factor, minimum=0.0, maximum=1.0, open_min=True))
+        fb = self.fallback
+        if fb is not None and (not isinstance(fb, ForwardSolver) or fb.fallback is not None):
+            raise TypeError(
+                f"{type(self).__name__}: fallback must be deq.FixedPointIteration, deq.Anderson "
+                f"or deq.Broyden without a fallback of its own (or None), got {fb!r}."
+            )
+
+    def budget(self, max_steps: int) -> int:
+        """Most evaluations of ``f`` an early-stopping solve with ``max_steps`` can make."""
+        return max_steps * (1 if self.fallback is None else 2)
+
+    def without_fallback(self) -> ForwardSolver:
+        return self if self.fallback is None else dataclasses.replace(self, fallback=None)
 
     def tolerance(self, f_norm):
         """Per-sample tolerance of the stopping rule, ``atol + rtol * |f(z)|``."""

@@ -15,6 +15,7 @@ from deq import _layer_common as common
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
+from deq.regularization import AdaptiveWeight
 
 _NAME = "deq.linen.DEQ"
 
@@ -163,6 +164,7 @@ class DEQ(nn.Module):
     precision: str | jax.lax.Precision | None = None
     jac_reg_samples: int = 0
     jac_reg_batch: int | None = None
+    jac_reg_weight: float | str | AdaptiveWeight = 1.0
     deterministic: bool | None = None
     eval_solver: ForwardSolver | None = None
     eval_max_steps: int | None = None
@@ -223,7 +225,7 @@ class DEQ(nn.Module):
                 and not self.is_initializing()):
             key = self.make_rng("jac_reg")
             self.sow("losses", "jac_reg", common.jacobian_penalty(
-                pure, z, params, x, key, self.jac_reg_samples, self.jac_reg_batch))
+                pure, self, z, params, x, key, stats))
         return z
 
 

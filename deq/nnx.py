@@ -14,6 +14,7 @@ from deq import _layer_common as common
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
+from deq.regularization import AdaptiveWeight
 
 _NAME = "deq.nnx.DEQ"
 
@@ -223,6 +224,7 @@ class DEQ(nnx.Module):
         precision: str | jax.lax.Precision | None = None,
         jac_reg_samples: int = 0,
         jac_reg_batch: int | None = None,
+        jac_reg_weight: float | str | AdaptiveWeight = 1.0,
         deterministic: bool = False,
         eval_solver: ForwardSolver | None = None,
         eval_max_steps: int | None = None,
@@ -239,6 +241,7 @@ class DEQ(nnx.Module):
         self.precision = precision
         self.jac_reg_samples = jac_reg_samples
         self.jac_reg_batch = jac_reg_batch
+        self.jac_reg_weight = jac_reg_weight
         self.deterministic = deterministic
         self.eval_solver = eval_solver
         self.eval_max_steps = eval_max_steps
@@ -299,8 +302,7 @@ class DEQ(nnx.Module):
         # Only computed where it can be stored (see _record): drawing its key updates the
         # layer's random stream, which a foreign trace must not do either.
         if self.jac_reg_samples and not self.deterministic and self.jac_loss._can_update:
-            penalty = common.jacobian_penalty(cell, z, state, x, self._key(rngs),
-                                              self.jac_reg_samples, self.jac_reg_batch)
+            penalty = common.jacobian_penalty(cell, self, z, state, x, self._key(rngs), stats)
         _record(self.jac_loss, penalty)
         return z
 

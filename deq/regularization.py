@@ -4,6 +4,8 @@ r"""Regularisers for deep equilibrium models: pure JAX, no Flax.
   point (Bai et al., "Stabilizing Equilibrium Models by Jacobian Regularization", 2021). A smaller
   Jacobian keeps ``f`` contractive, so forward and backward solves take fewer steps and stay
   stable during training.
+* :class:`AdaptiveWeight` sets the penalty's weight from the forward solve's steps: zero while
+  solves finish well within their budget, rising to ``max_weight`` as they approach it.
 * :func:`correction_iterates` and :func:`fixed_point_correction` build the fixed-point
   correction loss (Bai et al., "Deep Equilibrium Optical Flow Estimation", 2022): the task loss
   applied to a few differentiable iterates started at the fixed point.
@@ -14,13 +16,48 @@ you when built with ``jac_reg_samples > 0``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from deq._validate import check_float, check_int
+from deq._validate import check_float, check_int, set_field
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveWeight:
+    r"""A Jacobian-penalty weight that needs no tuning: set from how hard the solve was.
+
+    .. math:: w = w_{\max}\, \mathrm{clip}\Big(\frac{n / N - t}{1 - t}, 0, 1\Big)
+
+    where :math:`n` is the number of forward steps the solve took and :math:`N` its budget
+    (``max_steps``). Solves that converge within the fraction :math:`t` of their budget get no
+    penalty (and the layers skip computing it); a solve that spends its whole budget gets
+    ``max_weight``. The weight is a function of the current step only, with no state: the same
+    in NNX and Linen, under ``jit``, ``vmap`` and in checkpoints. Training settles where the
+    solves take between :math:`tN` and :math:`N` steps, so they keep converging.
+
+    Args:
+      max_weight: the weight of a solve that spent its budget (>= 0). 1 is the weight of the
+        DEQ papers' Jacobian penalty on the normalised estimate (``||J||_F^2 / d``).
+      target: :math:`t \in [0, 1)`, the fraction of the budget a solve may take unpenalised.
+    """
+
+    max_weight: float = 1.0
+    target: float = 0.5
+
+    def __post_init__(self):
+        set_field(self, "max_weight", check_float(self, "max_weight", self.max_weight,
+                                                  minimum=0.0))
+        set_field(self, "target", check_float(self, "target", self.target, minimum=0.0,
+                                              maximum=1.0, open_max=True))
+
+    def __call__(self, num_steps, max_steps):
+        """The weight (float32) for a solve of ``num_steps`` out of ``max_steps``."""
+        frac = jnp.asarray(num_steps, jnp.float32) / max_steps
+        return self.max_weight * jnp.clip((frac - self.target) / (1 - self.target), 0.0, 1.0)
 
 
 def jacobian_regularization(
@@ -173,4 +210,4 @@ def fixed_point_correction(
     return sum(decay ** (k - 1 - i) * loss_fn(z) for i, z in enumerate(iterates))
 
 
-__all__ = ["correction_iterates", "fixed_point_correction", "jacobian_regularization"]
+__all__ = ["AdaptiveWeight", "correction_iterates", "fixed_point_correction", "jacobian_regularization"]
