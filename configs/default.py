@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.solver.history = 5  # anderson only
     config.solver.eval_max_steps = 50  # at evaluation (0 = same as training)
     config.solver.eval_rtol = 1e-4
+    # At evaluation, samples the solver leaves unconverged restart from their best iterates
+    # with this solver ('' = none), for up to eval_max_steps more steps.
+    config.solver.eval_fallback = "broyden"
     config.solver.precision = "highest"  # matmul precision in the solves ('' = JAX default)
 
     config.adjoint = ml_collections.ConfigDict()
@@ -57,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.reg = ml_collections.ConfigDict()
     config.reg.jac_weight = 0.0  # weight of the Jacobian penalty ||df/dz||_F^2 / dim
+    # True: jac_weight is the largest weight, applied in proportion to how close the training
+    # solve came to its budget (deq.regularization.AdaptiveWeight; 0 within half of it).
+    config.reg.jac_auto = False
     config.reg.jac_samples = 1  # Hutchinson probes
     config.reg.jac_batch = 0  # samples of the batch the penalty is estimated on (0 = all)
 

@@ -308,7 +308,9 @@ def summary(info: dict, workdir: Path, final_step: int) -> dict:
         if epochs else None,
         **{k: last.get(k) for k in ("train_fwd_steps", "train_bwd_steps",
                                     "train_fwd_rel_residual", "test_fwd_steps",
-                                    "test_fwd_rel_residual", "peak_memory_bytes")},
+                                    "test_fwd_rel_residual", "peak_memory_bytes",
+                                    "test_samples", "test_at_equilibrium",
+                                    "test_worst_residual")},
         # Every solve of the run (all epochs, resumed ones included), counted per batch.
         "train_steps": count("train_steps"),
         "skipped_steps": count("train_skipped_steps"),
@@ -338,9 +340,11 @@ def convergence_report(summary: dict) -> str:
     line = "; ".join([
         part("forward solves (train batches):", summary["train_fwd_unconverged"], n),
         part("backward solves:", summary["train_bwd_unconverged"], n),
-        part("forward solves (eval batches):", summary["eval_fwd_unconverged"],
-             summary["eval_batches"]),
     ])
+    if summary.get("test_samples"):
+        line += (f"; final evaluation: {summary['test_at_equilibrium']} of "
+                 f"{summary['test_samples']} test samples at equilibrium (relative residual "
+                 f"<= 1e-3; worst {summary['test_worst_residual']:.1e})")
     if summary.get("skipped_steps"):
         line += f"; {summary['skipped_steps']} training steps skipped (non-finite)"
     if summary.get("mode") == "unrolled":

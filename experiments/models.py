@@ -6,6 +6,8 @@ adjoint differ (``config.mode``), so the comparison isolates the gradient method
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,20 +25,28 @@ CELLS = ("mlp", "mdeq", "mdeq_multiscale")
 HEADS = ("pool", "flatten")
 
 
+def _solver(name: str, cfg: ml_collections.ConfigDict, rtol: float):
+    common = dict(rtol=rtol, atol=cfg.atol)
+    if name == "anderson":
+        return deq.Anderson(history=cfg.history, **common)
+    if name == "broyden":
+        return deq.Broyden(**common)
+    return deq.FixedPointIteration(damping=cfg.damping, **common)
+
+
 def make_solver(cfg: ml_collections.ConfigDict, *, mode: str, evaluation: bool = False):
-    """The forward solver and step budget for training (or evaluation)."""
+    """The forward solver and step budget for training (or evaluation: with the
+    ``solver.eval_fallback`` solver for the samples the first one leaves unconverged)."""
     rtol = cfg.eval_rtol if evaluation and cfg.eval_rtol else cfg.rtol
     max_steps = cfg.eval_max_steps if evaluation and cfg.eval_max_steps else cfg.max_steps
     if mode == "unrolled":
         # The baseline: plain iteration, a fixed number of steps (the unrolled adjoint never
         # stops early), so its forward budget equals the DEQ's max_steps.
         return deq.FixedPointIteration(rtol=rtol, atol=cfg.atol, damping=cfg.damping), max_steps
-    common = dict(rtol=rtol, atol=cfg.atol)
-    if cfg.name == "anderson":
-        return deq.Anderson(history=cfg.history, **common), max_steps
-    if cfg.name == "broyden":
-        return deq.Broyden(**common), max_steps
-    return deq.FixedPointIteration(damping=cfg.damping, **common), max_steps
+    solver = _solver(cfg.name, cfg, rtol)
+    if evaluation and cfg.get("eval_fallback", ""):
+        solver = dataclasses.replace(solver, fallback=_solver(cfg.eval_fallback, cfg, rtol))
+    return solver, max_steps
 
 
 def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False):
@@ -130,6 +140,10 @@ class Classifier(nnx.Module):
             # its second-order backward pass from dominating the step's memory.
             jac_reg_samples=config.reg.jac_samples if config.reg.jac_weight > 0 else 0,
             jac_reg_batch=config.reg.jac_batch or None,
+            jac_reg_weight=(deq.regularization.AdaptiveWeight(max_weight=config.reg.jac_weight)
+                            if config.reg.get("jac_auto", False) else config.reg.jac_weight),
+            # The evaluation model is built with its solver and budget as the training ones.
+            eval_solver=solver, eval_max_steps=max_steps,
             deterministic=evaluation, rngs=rngs,
         )
         conv = m.cell != "mlp"
@@ -159,7 +173,21 @@ class Classifier(nnx.Module):
 
     def __call__(self, images: jax.Array, *, probe: jax.Array | None = None,
                  key: jax.Array | None = None) -> jax.Array:
-        z = self.deq(self.deq_input(images), probe=probe, rngs=key)
+        return self.head_logits(self.deq(self.deq_input(images), probe=probe, rngs=key))
+
+    def with_residuals(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Logits and each sample's relative residual ``|f(z) - z| / |f(z)|`` at the returned
+        state (one more cell evaluation): how far each test sample is from equilibrium."""
+        x = self.deq_input(images)
+        z = self.deq(x)
+        fz = self.deq.cell(z, x)
+        sq = lambda t: sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)  # noqa: E731
+                           for a in jax.tree_util.tree_leaves(t))
+        diff = jax.tree_util.tree_map(lambda a, b: a - b, fz, z)
+        return self.head_logits(z), jnp.sqrt(sq(diff) / jnp.maximum(sq(fz), 1e-30))
+
+    def head_logits(self, z) -> jax.Array:
+        """The classifier's head on the equilibrium state ``z``."""
         if self.kind == "mlp":
             return self.head(z)
         coarse = None

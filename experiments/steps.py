@@ -23,6 +23,8 @@ from experiments import data as data_lib
 METRICS = ("loss", "jac_loss", "accuracy", "grad_norm", "fwd_steps", "fwd_rel_residual",
            "fwd_abs_residual", "fwd_converged", "bwd_steps", "bwd_rel_residual",
            "bwd_converged")
+# A test sample is at equilibrium when its relative residual |f(z) - z| / |f(z)| is at most this.
+EQUILIBRIUM_RTOL = 1e-3
 # Values of the first non-finite step of an interval, for the message that names it.
 BAD_VALUES = ("loss", "jac_loss", "grad_norm")
 
@@ -54,7 +56,6 @@ class Task:
     graphdef: Any
     eval_graphdef: Any
     tx: optax.GradientTransformation
-    jac_weight: float
     skip_nonfinite: bool  # train.on_nonfinite == 'skip'
 
 
@@ -101,8 +102,8 @@ def make_train_step(task: Task):
             model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            jac = model.deq.jac_loss.get_value()
-            return ce + task.jac_weight * jac, (ce, jac, logits, model.deq.stats.get_value())
+            jac = model.deq.jac_loss.get_value()  # already weighted by the layer
+            return ce + jac, (ce, jac, logits, model.deq.stats.get_value())
 
         probe = deq.backward_stats_probe()
         (_, (ce, jac, logits, stats)), (grads, probe_grad) = jax.value_and_grad(
@@ -136,7 +137,7 @@ def make_train_step(task: Task):
 def make_eval_step(task: Task):
     def eval_step(params, rest, images, labels, mask):
         model = nnx.merge(task.eval_graphdef, params, rest, copy=True)
-        logits = model(images)
+        logits, residual = model.with_residuals(images)
         stats = model.deq.stats.get_value()
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels) & mask
@@ -147,6 +148,9 @@ def make_eval_step(task: Task):
             "fwd_steps": stats.num_steps,
             "fwd_rel_residual": stats.rel_residual,
             "fwd_converged": stats.converged,
+            # Each test sample's own distance from equilibrium, padding rows left out.
+            "at_equilibrium": jnp.sum(mask & (residual <= EQUILIBRIUM_RTOL)),
+            "worst_residual": jnp.max(jnp.where(mask, residual, 0.0)),
         }
 
     return eval_step
@@ -167,4 +171,6 @@ def evaluate(eval_step, params, rest, split, batch_size, put_batch) -> dict:
         "fwd_steps": float(np.mean(steps)), "fwd_steps_max": int(np.max(steps)),
         "fwd_rel_residual": float(max(float(o["fwd_rel_residual"]) for o in outs)),
         "batches": len(outs), "fwd_unconverged": sum(not bool(o["fwd_converged"]) for o in outs),
+        "samples": int(total("count")), "at_equilibrium": int(total("at_equilibrium")),
+        "worst_residual": float(max(float(o["worst_residual"]) for o in outs)),
     }
