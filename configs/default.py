@@ -59,12 +59,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.adjoint.phantom_damping = 0.5
 
     config.reg = ml_collections.ConfigDict()
-    config.reg.jac_weight = 0.0  # weight of the Jacobian penalty ||df/dz||_F^2 / dim
+    # The stabiliser: the Jacobian penalty ||df/dz||_F^2 / dim keeps the cell contractive, so
+    # training and evaluation solves keep converging. jac_weight: its weight (0 = off).
+    config.reg.jac_weight = 1.0
     # True: jac_weight is the largest weight, applied in proportion to how close the training
-    # solve came to its budget (deq.regularization.AdaptiveWeight; 0 within half of it).
-    config.reg.jac_auto = False
+    # solve came to its budget (deq.regularization.AdaptiveWeight; 0, and not computed, while
+    # the solves take at most half of it). False: always jac_weight.
+    config.reg.jac_auto = True
     config.reg.jac_samples = 1  # Hutchinson probes
-    config.reg.jac_batch = 0  # samples of the batch the penalty is estimated on (0 = all)
+    config.reg.jac_batch = 32  # samples of the batch the penalty is estimated on (0 = all)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # 'adamw', 'adam', 'sgd'

@@ -19,12 +19,8 @@ def get_config():
     config.solver.max_steps = 12
     config.solver.rtol = 1e-3
     config.solver.eval_max_steps = 30
-    # Remedies for stable DEQ training:
-    # Jacobian regularisation keeps the cell contractive, so the forward and adjoint solves
-    # keep converging within their budgets; estimated on 32 samples of each batch to keep the
-    # step's memory low. Plain iteration for the adjoint needs no history buffers (memory).
-    config.reg.jac_weight = 1.0
-    config.reg.jac_batch = 32
+    # The stabiliser (the Jacobian penalty with its adaptive weight, on 32 samples of each
+    # batch) is the default's. Plain iteration for the adjoint needs no history buffers.
     config.adjoint.solver = "iteration"
     config.adjoint.max_steps = 25
     config.optim.learning_rate = 2e-3

@@ -35,6 +35,11 @@ from deq.regularization import AdaptiveWeight, jacobian_regularization
 # eval_max_steps raises the budget for evaluation.
 DEFAULT_MAX_STEPS = 30
 DEFAULT_EVAL_MAX_STEPS = 100
+# The stabiliser, on by default: one Hutchinson probe on 32 samples of the batch, weighted by
+# how close the training solve came to its budget (deq.regularization.AdaptiveWeight).
+DEFAULT_JAC_REG_SAMPLES = 1
+DEFAULT_JAC_REG_BATCH = 32
+DEFAULT_JAC_REG_WEIGHT = "auto"
 DEFAULT_WARN_UNCONVERGED_AFTER = 20
 
 # Why each kind of stateful layer cannot live inside a fixed-point map, and what to use instead.
@@ -87,13 +92,18 @@ batched: the leading axis of ``z`` is a batch of independent samples; each sampl
   when it has converged. Set False for an unbatched ``x`` (e.g. under ``vmap``).
 precision: matmul precision inside the solves (e.g. ``"highest"``), see
   :func:`deq.fixed_point`.
-jac_reg_samples: number of Hutchinson probes of the Jacobian penalty; 0 disables it.
-jac_reg_batch: if set, the penalty uses only the first ``jac_reg_batch`` samples of the
-  batch (still unbiased; its second-order backward pass is the expensive part).
-jac_reg_weight: the penalty's weight, already applied to the value the layer reports: a
-  number (default 1: the plain estimate, to scale in the loss yourself), or ``"auto"`` /
-  a :class:`deq.regularization.AdaptiveWeight`: zero while the training solves converge
-  within half their budget (the estimate is then skipped), up to 1 as they approach it.
+jac_reg_samples: the stabiliser, on by default: Hutchinson probes of the Jacobian penalty
+  ``||df/dz||_F^2 / d`` at ``z*`` (default 1; 0 disables it). In training mode the layer
+  adds the weighted penalty's gradient to the gradient of any loss computed from its output,
+  as if it were a term of that loss: nothing to add by hand. It keeps the cell contractive,
+  so that training and evaluation solves keep converging. It acts on reverse-mode gradients
+  only: forward-mode transforms (``jvp``, ``jacfwd``) see the layer without it.
+jac_reg_batch: the penalty uses only the first ``jac_reg_batch`` samples of a batched call
+  (default 32; None: all; still unbiased, and its second-order pass is the costly part).
+jac_reg_weight: the penalty's weight: ``"auto"`` (default; a
+  :class:`deq.regularization.AdaptiveWeight`: 0, and nothing computed, while the training
+  solve takes at most half its budget, rising to 1 as it spends all of it), another
+  :class:`~deq.regularization.AdaptiveWeight`, or a fixed number.
 eval_solver: forward solver in evaluation mode (default: ``solver`` with a
   :class:`deq.Broyden` fallback of the same tolerances, which takes over the samples the
   solver leaves unconverged, from their best iterates).
@@ -242,8 +252,6 @@ def validate(layer: str, options: Any) -> None:
     elif not isinstance(w, AdaptiveWeight):
         check_float(layer, "jac_reg_weight", w, minimum=0.0)
     check_int(layer, "jac_reg_batch", o.jac_reg_batch, minimum=1, allow_none=True)
-    if o.jac_reg_batch is not None and not o.batched:
-        raise ValueError(f"{layer}: jac_reg_batch needs batched=True (a batch to subsample).")
 
 
 def eval_solver(options: Any) -> ForwardSolver:
@@ -448,46 +456,100 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     return _forward(cell, options, state, x, probe)
 
 
-def _penalty(cell: Any, num_samples: int, sub_batch: int | None, weight: Any, max_steps: int,
-             z, state, x, key, num_steps):
+def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight: Any,
+                      max_steps: int, z, state, x, key, num_steps):
+    """The weighted penalty ``w R`` and its gradient in ``(state, x)``, the fixed point held
+    constant; zeros, and no work, when the weight is 0."""
     fn = lambda z, args: cell(args[0], z, args[1])
+    zc = jax.lax.stop_gradient(z)
     if sub_batch is not None:
-        z = jax.tree_util.tree_map(lambda a: a[:sub_batch], z)
-        x = x[:sub_batch]
+        zc = jax.tree_util.tree_map(lambda a: a[:sub_batch], zc)
+    empty = jax.tree_util.tree_leaves(zc)[0].shape[:1] == (0,)
 
-    def estimate(state, x):
-        if jax.tree_util.tree_leaves(z)[0].shape[:1] == (0,):
-            return jnp.zeros((), jnp.float32)  # an empty batch: nothing to penalise
-        penalty = jacobian_regularization(
-            fn, jax.lax.stop_gradient(z), (state, x), key, num_samples)
-        return penalty.astype(jnp.float32)
+    def value(state, x):
+        xs = x if sub_batch is None else x[:sub_batch]
+        return jacobian_regularization(fn, zc, (state, xs), key, num_samples).astype(jnp.float32)
 
+    def off(state, x):
+        zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
+        return jnp.zeros((), jnp.float32), (zeros(state), zeros(x))
+
+    def on(w):
+        def run(state, x):
+            v, grads = jax.value_and_grad(value, argnums=(0, 1))(state, x)
+            return w * v, jax.tree_util.tree_map(lambda g: (w * g).astype(g.dtype), grads)
+        return run
+
+    if empty:  # an empty batch: nothing to penalise
+        return off(state, x)
     if not isinstance(weight, AdaptiveWeight):
-        return weight * estimate(state, x)
-    w = jax.lax.stop_gradient(weight(num_steps, max_steps))
+        return off(state, x) if weight == 0 else on(jnp.float32(weight))(state, x)
+    w = weight(num_steps, max_steps)
     # No penalty, and no work, while the solves stay within the weight's target.
-    return jax.lax.cond(w > 0, lambda s, x: w * estimate(s, x),
-                        lambda s, x: jnp.zeros((), jnp.float32), state, x)
+    return jax.lax.cond(w > 0, on(w), off, state, x)
 
 
-_penalty_jit = jax.jit(_penalty, static_argnums=(0, 1, 2, 3, 4))
+_penalty_gradient_jit = jax.jit(_penalty_gradient, static_argnums=(0, 1, 2, 3, 4))
 
 
-def jacobian_penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
-                     key: jax.Array, stats: LayerStats):
-    """The weighted Jacobian penalty at the fixed point, which is held constant (as in Bai
-    et al., 2021): ``jac_reg_weight`` times :func:`jacobian_regularization` with
-    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (the estimate is
-    a per-sample mean, so still unbiased, and its second-order backward pass -- the costly
-    part -- shrinks with the batch). With an :class:`AdaptiveWeight` the weight comes from
-    ``stats.num_steps`` of this solve, and a zero weight skips the estimate. Returned in
-    float32 whatever the model's dtype, so that the stored value keeps one dtype.
+@jax.custom_vjp
+def _attach(z, state, x, grads):
+    """``z`` unchanged; its VJP adds the precomputed ``grads`` to the cotangents of
+    ``(state, x)``: the penalty enters the gradient of whatever loss uses ``z``."""
+    return z
+
+
+def _attach_fwd(z, state, x, grads):
+    return z, grads
+
+
+def _attach_bwd(grads, g):
+    return (g, *grads, None)
+
+
+_attach.defvjp(_attach_fwd, _attach_bwd)
+
+
+def stabilise(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
+              key: jax.Array, stats: LayerStats):
+    """Apply the Jacobian penalty (Bai et al., 2021) through the gradient: returns ``(z, wR)``
+    where ``z`` is unchanged in value and reverse-mode differentiation of anything computed
+    from it adds ``w dR/d(state, x)`` to the gradient -- as if ``w R`` had been added to the
+    loss, once per backward pass, with no change to the user's loss. Forward-mode transforms
+    see ``z`` without it. ``R`` is
+    :func:`jacobian_regularization` at the fixed point (held constant) with
+    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a per-sample
+    mean, so still unbiased; its second-order pass -- the costly part -- shrinks with the
+    batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function of
+    ``stats.num_steps`` (0: nothing computed). ``wR`` (float32, no gradient) is for logging.
     """
-    sub = options.jac_reg_batch
-    args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub),
-            jac_reg_weight(options), int(options.max_steps))
-    run = _penalty_jit if _hashable(*args) else _penalty
-    return run(*args, z, state, x, key, stats.num_steps)
+    sub = options.jac_reg_batch if options.batched else None  # unbatched: no batch to subsample
+    weight = jac_reg_weight(options)
+    if isinstance(weight, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
+        # A fixed number of unrolled steps always "spends its budget": convergence is not
+        # its contract, so the adaptive weight has nothing to go by.
+        weight = 0.0
+    args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub), weight,
+            int(options.max_steps))
+    run = _penalty_gradient_jit if _hashable(*args) else _penalty_gradient
+    value, grads = run(*args, z, state, x, key, stats.num_steps)
+    grads = jax.lax.stop_gradient(grads)
+    try:
+        z = _attach(z, state, x, grads)
+    except TypeError as e:
+        # Forward mode (jvp, jacfwd, the outer pass of hessian) cannot go through a custom
+        # VJP: it sees the layer without the stabiliser, which changes no value and only
+        # ever adds to reverse-mode gradients.
+        if "forward-mode" not in str(e):
+            raise
+    return z, jax.lax.stop_gradient(value)
+
+
+def input_key(x: jax.Array) -> jax.Array:
+    """A PRNG key for the penalty's probes derived from the call's input, when no random
+    stream is given: it changes from batch to batch, and the layer keeps no random state."""
+    total = jnp.sum(jnp.abs(x)).astype(jnp.float32)
+    return jax.random.fold_in(jax.random.key(0), jax.lax.bitcast_convert_type(total, jnp.int32))
 
 
 def jac_reg_weight(options: Any) -> float | AdaptiveWeight:
@@ -539,8 +601,9 @@ def _count_unconverged(key: tuple, max_steps: int, converged, result, rel_residu
         f"{layer} with cell {cell_name}: {count} training solves have stopped without "
         f"converging (the latest: {RESULTS.describe(result)}, relative residual {rel:.1e} "
         f"after {steps} of max_steps={max_steps} steps). The model then trains on points "
-        f"that are not equilibria, and its gradients are inexact. Things to try: a Jacobian "
-        f"penalty (jac_reg_samples=1, adding 0.1-1 times the layer's jac_loss to the loss); "
+        f"that are not equilibria, and its gradients are inexact. Things to try: a stronger "
+        f"stabiliser (jac_reg_samples >= 1 with jac_reg_weight=1.0, or "
+        f"deq.regularization.AdaptiveWeight(max_weight=3.0)); "
         f"weight normalisation of the cell's linear maps/convolutions and GroupNorm in the "
         f"cell; a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
         f"once; the layer's stats report every solve.",

@@ -99,7 +99,7 @@ class DEQ(nn.Module):
     * ``"intermediates"``: ``"deq_stats"``, the :class:`LayerStats` of the solve
       (``mutable=["intermediates"]`` to read it; a tuple with one entry per call). Their
       shapes do not depend on the batch size;
-    * ``"losses"``: ``"jac_reg"``, the Jacobian penalty
+    * ``"losses"``: ``"jac_reg"``, ``jac_reg_weight`` times the Jacobian penalty
       :func:`deq.regularization.jacobian_regularization` at :math:`z^*`, when
       ``jac_reg_samples > 0`` and ``"losses"`` is mutable (otherwise it is not computed). Its
       probes come from the ``"jac_reg"`` rng stream (falling back to ``"params"``).
@@ -162,9 +162,9 @@ class DEQ(nn.Module):
     z_init: str | Callable[[jax.Array], Any] = "zeros"
     batched: bool = True
     precision: str | jax.lax.Precision | None = None
-    jac_reg_samples: int = 0
-    jac_reg_batch: int | None = None
-    jac_reg_weight: float | str | AdaptiveWeight = 1.0
+    jac_reg_samples: int = common.DEFAULT_JAC_REG_SAMPLES
+    jac_reg_batch: int | None = common.DEFAULT_JAC_REG_BATCH
+    jac_reg_weight: float | str | AdaptiveWeight = common.DEFAULT_JAC_REG_WEIGHT
     deterministic: bool | None = None
     eval_solver: ForwardSolver | None = None
     eval_max_steps: int | None = None
@@ -221,12 +221,17 @@ class DEQ(nn.Module):
                                           watch=not self.is_initializing())
         z, stats = common.forward(pure, options, params, x, probe)
         self.sow("intermediates", "deq_stats", stats)
-        if (self.jac_reg_samples and not deterministic and self.is_mutable_collection("losses")
-                and not self.is_initializing()):
-            key = self.make_rng("jac_reg")
-            self.sow("losses", "jac_reg", common.jacobian_penalty(
-                pure, self, z, params, x, key, stats))
+        if self.jac_reg_samples and not deterministic and not self.is_initializing():
+            z, penalty = common.stabilise(pure, self, z, params, x, self._probe_key(x),
+                                          stats)
+            if self.is_mutable_collection("losses"):
+                self.sow("losses", "jac_reg", penalty)
         return z
+
+    def _probe_key(self, x) -> jax.Array:
+        """The penalty's probes: the ``"jac_reg"`` rng stream if the call has one, else a key
+        derived from the input (so that they vary from batch to batch)."""
+        return self.make_rng("jac_reg") if self.has_rng("jac_reg") else common.input_key(x)
 
 
 __all__ = ["DEQ", "LayerStats", "UnconvergedWarning"]

@@ -142,8 +142,8 @@ class DEQ(nnx.Module):
       solve -- ``layer.stats.get_value().num_steps``, ``.rel_residual``, ``.converged``, ... --
       also after ``nnx.jit``, where it is updated like any other NNX state. (Per-sample
       residuals are summarised: stored state must not change shape with the batch size.)
-    * ``layer.jac_loss`` (a :class:`DEQAuxLoss` variable) holds the Jacobian penalty
-      :func:`deq.regularization.jacobian_regularization` at :math:`z^*` when
+    * ``layer.jac_loss`` (a :class:`DEQAuxLoss` variable) holds ``jac_reg_weight`` times the
+      Jacobian penalty :func:`deq.regularization.jacobian_regularization` at :math:`z^*` when
       ``jac_reg_samples > 0`` and the layer is not ``deterministic`` (``model.eval()`` sets
       that), else 0. Read it inside the loss function with ``layer.jac_loss[...]``.
 
@@ -180,8 +180,8 @@ class DEQ(nnx.Module):
       {layer_options}
       deterministic: evaluation mode: the ``eval_*`` settings, no (random) Jacobian penalty,
         no counting of unconverged solves; ``model.eval()`` and ``model.train()`` set it.
-      rngs: required when ``jac_reg_samples > 0``; its ``jac_reg`` stream (or default stream)
-        draws the probes.
+      rngs: optional; its ``jac_reg`` stream (or default stream) draws the stabiliser's
+        probes. Without it they come from a key derived from each call's input.
 
     Example usage::
 
@@ -222,9 +222,9 @@ class DEQ(nnx.Module):
         z_init: str | Callable[[jax.Array], Any] = "zeros",
         batched: bool = True,
         precision: str | jax.lax.Precision | None = None,
-        jac_reg_samples: int = 0,
-        jac_reg_batch: int | None = None,
-        jac_reg_weight: float | str | AdaptiveWeight = 1.0,
+        jac_reg_samples: int = common.DEFAULT_JAC_REG_SAMPLES,
+        jac_reg_batch: int | None = common.DEFAULT_JAC_REG_BATCH,
+        jac_reg_weight: float | str | AdaptiveWeight = common.DEFAULT_JAC_REG_WEIGHT,
         deterministic: bool = False,
         eval_solver: ForwardSolver | None = None,
         eval_max_steps: int | None = None,
@@ -259,13 +259,13 @@ class DEQ(nnx.Module):
         # structure before and after the first call, and compiles once.
         self.stats = DEQStats(common.LayerStats.before_first_call(common.trace_length(self)))
         self.jac_loss = DEQAuxLoss(jnp.zeros((), jnp.float32))
-        if jac_reg_samples:
+        if jac_reg_samples and rngs is not None:
             if not isinstance(rngs, nnx.Rngs):
-                raise ValueError(
-                    f"{_NAME}: jac_reg_samples > 0 draws random probes; pass rngs=nnx.Rngs(...)."
-                )
+                raise TypeError(f"{_NAME}: rngs must be an nnx.Rngs, got {type(rngs).__name__}.")
             self.rngs = rngs["jac_reg"].fork()
         else:
+            # Without rngs the stabiliser's probes come from a key derived from each call's
+            # input: no random state in the layer (nothing to checkpoint or restore).
             self.rngs = nnx.data(None)
 
     @staticmethod
@@ -299,21 +299,16 @@ class DEQ(nnx.Module):
         z, stats = common.forward(cell, options, state, x, probe)
         _record(self.stats, stats)
         penalty = jnp.zeros((), jnp.float32)
-        # Only computed where it can be stored (see _record): drawing its key updates the
-        # layer's random stream, which a foreign trace must not do either.
+        # Only where it can be stored (see _record): drawing its key updates the layer's
+        # random stream, which a foreign trace must not do either.
         if self.jac_reg_samples and not self.deterministic and self.jac_loss._can_update:
-            penalty = common.jacobian_penalty(cell, self, z, state, x, self._key(rngs), stats)
+            z, penalty = common.stabilise(cell, self, z, state, x, self._key(rngs, x), stats)
         _record(self.jac_loss, penalty)
         return z
 
-    def _key(self, rngs) -> jax.Array:
+    def _key(self, rngs, x) -> jax.Array:
         if rngs is None:
-            if self.rngs is None:
-                raise ValueError(
-                    f"{_NAME}: the Jacobian penalty needs random probes; build the layer with "
-                    "rngs=nnx.Rngs(...) or pass rngs= to the call."
-                )
-            return self.rngs()
+            return common.input_key(x) if self.rngs is None else self.rngs()
         if isinstance(rngs, nnx.Rngs):
             return rngs["jac_reg"]()
         return rngs

@@ -55,13 +55,21 @@ def summarize(workdir: Path) -> dict:
     return summary
 
 
+def _equilibrium(s: dict) -> str:
+    """Test samples whose relative residual is at most 1e-3 at the final evaluation."""
+    if not s.get("test_samples"):
+        return "n/a"
+    return (f"{s['test_at_equilibrium']} / {s['test_samples']} "
+            f"(worst {s['test_worst_residual']:.1e})")
+
+
 def markdown_table(summaries: list[dict]) -> str:
     base = next((s for s in summaries if s.get("mode") == "unrolled"), None)
     rows = [
         "| run | mode | test acc | best test acc | train step (median) | epoch time | "
         "train-step memory (compiled temp) | vs unrolled | fwd steps (train/test) | "
-        "fwd rel. residual (train/test) | bwd steps | params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "fwd rel. residual (train/test) | test samples at equilibrium | bwd steps | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         ratio = "n/a"
@@ -75,7 +83,7 @@ def markdown_table(summaries: list[dict]) -> str:
             f"{_fmt_bytes(s.get('train_step_temp_bytes'))} | {ratio} | "
             f"{_fmt(s.get('train_fwd_steps'), '.1f')} / {_fmt(s.get('test_fwd_steps'), '.1f')} | "
             f"{_fmt(s.get('train_fwd_rel_residual'), '.1e')} / "
-            f"{_fmt(s.get('test_fwd_rel_residual'), '.1e')} | "
+            f"{_fmt(s.get('test_fwd_rel_residual'), '.1e')} | {_equilibrium(s)} | "
             f"{_fmt(s.get('train_bwd_steps'), '.1f')} | {s.get('num_params')} |"
         )
     machines = sorted({s.get("machine", "?") for s in summaries})

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 CHOICES = {
     "data.name": data_lib.DATASETS, "mode": models.MODES, "model.cell": models.CELLS,
     "model.z_init": ("zeros", "inject"), "model.head": models.HEADS,
-    "solver.name": models.SOLVERS, "adjoint.name": models.ADJOINTS,
+    "solver.name": models.SOLVERS, "solver.eval_fallback": ("", *models.SOLVERS),
+    "adjoint.name": models.ADJOINTS,
     "adjoint.solver": models.ADJOINT_SOLVERS, "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"), "train.on_nonfinite": ("stop", "skip"),
     "solver.precision": ("", "default", "high", "highest", "float32", "bfloat16",

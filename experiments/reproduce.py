@@ -42,15 +42,19 @@ SETS = {
     "mnist": ("configs/mnist_deq.py", "configs/mnist_unrolled.py"),
     "mnist_multiscale": ("configs/mnist_multiscale_deq.py", "configs/mnist_multiscale_unrolled.py"),
 }
-DEFAULT_SEEDS = {"digits": 5, "mnist": 2, "mnist_multiscale": 1}
-TITLES = {"digits": "Embedded digits", "mnist": "MNIST"}
+DEFAULT_SEEDS = {"digits": 5, "mnist": 3, "mnist_multiscale": 1}
+TITLES = {"digits": "Embedded digits", "mnist": "MNIST, 1-epoch runs"}
 # The multiscale cell costs ~10x the single-scale step on a CPU: its set is a short run (the
 # first SHORT_RUN_STEPS steps of batch 128, one epoch over that many images), without the
 # compute-accuracy curves and the solver table.
 SHORT_RUN_STEPS = 200
 SET_OVERRIDES = {"mnist_multiscale": [f"data.limit_train={SHORT_RUN_STEPS * 128}",
                                       "train.batch_size=128", "train.num_epochs=1",
-                                      "optim.warmup_steps=50"]}
+                                      "optim.warmup_steps=50"],
+                 # One epoch (469 steps) per run, so that 3 seeds of both networks fit in
+                 # about 20 minutes on 2 CPU cores.
+                 "mnist": ["train.num_epochs=1"]}
+BUDGET_FACTOR = 4  # the equilibrium check: accuracy again with this many times the eval budget
 TITLES["mnist_multiscale"] = f"MNIST, multiscale cell, {SHORT_RUN_STEPS}-step runs"
 WITH_CURVES = ("digits", "mnist")
 STEPS_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 50)
@@ -165,7 +169,9 @@ def _mean_std(xs) -> dict:
 
 SUMMARY_FIELDS = ("test_accuracy", "median_step_time", "train_step_temp_bytes", "train_fwd_steps",
                   "test_fwd_steps", "train_fwd_rel_residual", "test_fwd_rel_residual",
-                  "train_bwd_steps", "num_params", "epochs")
+                  "train_bwd_steps", "num_params", "epochs", "test_at_equilibrium",
+                  "test_samples", "test_worst_residual", "train_fwd_unconverged",
+                  "train_steps")
 
 
 def seeds_table(runs: dict[str, list[Path]]) -> dict:
@@ -201,9 +207,12 @@ def _points(ms: dict) -> str:
     return f"{100 * ms['mean']:+.2f}" + (f" +- {100 * ms['std']:.2f}" if ms["n"] > 1 else "")
 
 
-def write_seed_tables(out: Path, runs: dict[str, list[Path]], machine_str: str) -> str:
+def write_seed_tables(out: Path, runs: dict[str, list[Path]], machine_str: str,
+                      budget: list[dict] | None = None) -> str:
     """``seeds.json`` and ``seeds.md`` in ``out`` from finished runs; returns the markdown."""
     table = seeds_table(runs)
+    if budget:
+        table["budget"] = budget
     (out / "seeds.json").write_text(json.dumps(table, indent=1))
     md = seeds_markdown(table, machine_str)
     (out / "seeds.md").write_text(md + "\n")
@@ -214,8 +223,9 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
     agg = table["aggregate"]
     lines = [
         "| | test accuracy (mean +- std) | per seed | train step (median) | "
-        "train-step memory | fwd steps train / test | fwd rel. residual train / test |",
-        "|---|---|---|---|---|---|---|",
+        "train-step memory | fwd steps train / test | fwd rel. residual train / test | "
+        "test samples at equilibrium (worst residual) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("deq", "unrolled"):
         a, rows = agg[mode], table["runs"][mode]
@@ -226,7 +236,7 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
             f"{a['train_step_temp_bytes']['mean'] / 2**20:.1f} MiB | "
             f"{a['train_fwd_steps']['mean']:.1f} / {a['test_fwd_steps']['mean']:.1f} | "
             f"{a['train_fwd_rel_residual']['mean']:.1e} / "
-            f"{a['test_fwd_rel_residual']['mean']:.1e} |"
+            f"{a['test_fwd_rel_residual']['mean']:.1e} | {_equilibrium(rows)} |"
         )
     d = agg["paired_difference"]
     lines += [
@@ -235,10 +245,61 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
         f"{_seeds(d['n'])} "
         f"(per seed: {', '.join(f'{100 * x:+.2f}' for x in d['per_seed'])}). "
         f"Train-step memory DEQ / unrolled: {agg['memory_ratio']:.2f}x.",
+        *([f"\n{_budget_sentence(table['budget'])}"] if table.get("budget") else []),
         "",
         f"Machine: {machine_str}.",
     ]
     return "\n".join(lines)
+
+
+def _equilibrium(rows: list[dict]) -> str:
+    """Test samples at equilibrium over the seeds, and the worst residual of any."""
+    if any(r.get("test_samples") is None for r in rows):
+        return "not recorded"
+    n = sum(r["test_samples"] for r in rows)
+    eq = sum(r["test_at_equilibrium"] for r in rows)
+    return f"{eq} of {n} ({max(r['test_worst_residual'] for r in rows):.1e})"
+
+
+def _budget_sentence(budget: list[dict]) -> str:
+    changed = sum(b["changed"] for b in budget)
+    n = sum(b["samples"] for b in budget)
+    acc1 = 100 * np.mean([b["accuracy"] for b in budget])
+    acc4 = 100 * np.mean([b["accuracy_more"] for b in budget])
+    eq = sum(b["at_equilibrium_more"] for b in budget)
+    return (f"Equilibrium check (DEQ): with {BUDGET_FACTOR}x the evaluation budget "
+            f"({budget[0]['budget']} -> {budget[0]['budget_more']} steps, and as many again for "
+            f"the fallback), {changed} of {n} test predictions change over the seeds; accuracy "
+            f"{acc1:.2f}% -> {acc4:.2f}% (mean), {eq} of {n} samples at equilibrium.")
+
+
+def budget_check(wds: list[Path]) -> list[dict]:
+    """Each trained DEQ evaluated at its eval budget and at BUDGET_FACTOR times it: accuracy,
+    samples at equilibrium and predictions that change (an equilibrium does not move)."""
+    from flax import nnx
+
+    from experiments.steps import EQUILIBRIUM_RTOL
+
+    config = json.loads((wds[0] / "config.json").read_text())
+    budget = config["solver.eval_max_steps"] or config["solver.max_steps"]
+    out = [{"budget": budget, "budget_more": BUDGET_FACTOR * budget} for _ in wds]
+    preds = {}
+    for key, steps in (("", budget), ("_more", BUDGET_FACTOR * budget)):
+        model, test = _eval_model(wds[0], **{"solver.eval_max_steps": steps})
+        run = nnx.jit(lambda model, images: model.with_residuals(images))
+        for i, wd in enumerate(wds):
+            _load_params(model, wd)
+            p, r = zip(*[(np.argmax(np.asarray(lo), -1), np.asarray(res)) for lo, res in
+                         (run(model, images) for images, _ in _batches(test))])
+            p, r = np.concatenate(p), np.concatenate(r)
+            preds[key, i] = p
+            out[i].update({f"accuracy{key}": float(np.mean(p == test.labels)),
+                           f"at_equilibrium{key}": int(np.sum(r <= EQUILIBRIUM_RTOL)),
+                           "samples": len(p)})
+    for i in range(len(wds)):
+        out[i]["changed"] = int(np.sum(preds["", i] != preds["_more", i]))
+    return out
+
 
 
 # ------------------------------------------------------------------------------------------
@@ -477,6 +538,10 @@ def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]
         f"{1e3 * agg['deq']['median_step_time']['mean']:.1f} ms vs "
         f"{1e3 * agg['unrolled']['median_step_time']['mean']:.1f} ms. {_verdict(d)}"
     ]
+    if all(r.get("test_samples") is not None for r in table["runs"]["deq"]):
+        lines.append(f"  DEQ test samples at equilibrium (relative residual <= 1e-3, all seeds): "
+                     f"{_equilibrium(table['runs']['deq'])}."
+                     + (f" {_budget_sentence(table['budget'])}" if table.get("budget") else ""))
     curves = results / name / "compute_accuracy.json"
     if curves.exists():
         c = json.loads(curves.read_text())
@@ -676,7 +741,8 @@ def run_set(name: str, seeds: int, workdir: Path, overrides: list[str], command:
         runs["deq"].append(_train(deq_cfg, seed, workdir / name, overrides))
         runs["unrolled"].append(_train(unrolled_cfg, seed, workdir / name, overrides))
     machine_str = machine_name(prov["machine"])
-    print(write_seed_tables(out, runs, machine_str), flush=True)
+    print("== equilibrium check: the DEQs again with more evaluation steps", flush=True)
+    print(write_seed_tables(out, runs, machine_str, budget_check(runs["deq"])), flush=True)
     if name not in WITH_CURVES:
         (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
         print(f"\nwrote {out}")

@@ -102,8 +102,10 @@ def make_train_step(task: Task):
             model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            jac = model.deq.jac_loss.get_value()  # already weighted by the layer
-            return ce + jac, (ce, jac, logits, model.deq.stats.get_value())
+            # The layer's stabiliser adds its penalty's gradient itself; jac_loss is its
+            # weighted value, for the logs.
+            jac = model.deq.jac_loss.get_value()
+            return ce, (ce, jac, logits, model.deq.stats.get_value())
 
         probe = deq.backward_stats_probe()
         (_, (ce, jac, logits, stats)), (grads, probe_grad) = jax.value_and_grad(

@@ -152,10 +152,12 @@ def _nnx_grads(m, x, c, probe):
 
 @nnx.jit
 def _nnx_penalty_and_grad(m, x):
+    # The layer adds its penalty's gradient to any loss of its output: a loss that is 0 times
+    # the output has the penalty's gradient alone.
     def loss(m):
-        m(x)
-        return m.jac_loss[...]
-    return nnx.value_and_grad(loss)(m)
+        return 0.0 * jnp.sum(m(x))
+    grads = nnx.grad(loss)(m)
+    return m.jac_loss[...], grads
 
 
 class _NNX:
@@ -197,7 +199,8 @@ class _NNX:
 
     def with_penalty(self):
         """``(handle, x)``: an MLP layer with a Jacobian penalty (on the first sample only)."""
-        return self.mlp(jac_reg_samples=2, jac_reg_batch=1, rngs=nnx.Rngs(3))[:2]
+        return self.mlp(jac_reg_samples=2, jac_reg_batch=1, jac_reg_weight=1.0,
+                        rngs=nnx.Rngs(3))[:2]
 
     def module(self, layer):
         return layer
@@ -302,12 +305,16 @@ def _linen_grads(layer, params, x, c, probe):
 
 
 def _linen_penalty(layer, params, x, key):
-    _, state = layer.apply({"params": params}, x, rngs={"jac_reg": key}, mutable=["losses"])
-    return sum(jax.tree_util.tree_leaves(state["losses"]))
+    # As for NNX: 0 times the output, plus the penalty the layer applies to the gradient.
+    z, state = layer.apply({"params": params}, x, rngs={"jac_reg": key}, mutable=["losses"])
+    return 0.0 * jnp.sum(z), sum(jax.tree_util.tree_leaves(state["losses"]))
 
 
-_linen_penalty_and_grad = jax.jit(jax.value_and_grad(_linen_penalty, argnums=1),
-                                  static_argnums=0)
+@partial(jax.jit, static_argnums=0)
+def _linen_penalty_and_grad(layer, params, x, key):
+    (_, penalty), grads = jax.value_and_grad(_linen_penalty, argnums=1, has_aux=True)(
+        layer, params, x, key)
+    return penalty, grads
 
 
 @functools.lru_cache
@@ -345,7 +352,7 @@ class _Linen:
 
     def with_penalty(self):
         """``(handle, x)``: an MLP layer with a Jacobian penalty."""
-        return self.mlp(jac_reg_samples=2)[:2]
+        return self.mlp(jac_reg_samples=2, jac_reg_weight=1.0)[:2]
 
     def module(self, h):
         return h.module

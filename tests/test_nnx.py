@@ -57,10 +57,19 @@ def test_jacobian_penalty_value_is_stored_and_off_in_eval():
     assert float(layer.jac_loss[...]) == 0.0
 
 
-def test_jacobian_penalty_needs_rngs():
+def test_jacobian_penalty_without_rngs_draws_probes_from_the_input():
     cell = MLPCell(3, 4, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="rngs"):
-        deq.nnx.DEQ(cell, jac_reg_samples=1)
+    layer = deq.nnx.DEQ(cell, jac_reg_weight=1.0)  # the stabiliser is on by default
+    assert layer.rngs is None  # no random state to checkpoint
+    x = jnp.ones((2, 3))
+    layer(x)
+    first = float(layer.jac_loss[...])
+    layer(x)
+    assert float(layer.jac_loss[...]) == first > 0  # same input, same probes
+    layer(2 * x)
+    assert float(layer.jac_loss[...]) != first
+    with pytest.raises(TypeError, match="rngs"):
+        deq.nnx.DEQ(cell, rngs=0)
 
 
 def test_z_init_naming_no_method_fails_at_construction():

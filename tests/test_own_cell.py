@@ -8,7 +8,8 @@ step cap as training goes on; see experiments/bench_own_cell.py for the contrast
 1. the recurrent map's convolution wrapped in ``deq.cells.nnx.WeightNorm(..., init_scale=0.25)``;
 2. ``deq.cells.nnx.Conv`` instead of ``nnx.Conv`` inside the cell (fast gradient on CPU);
 3. a per-sample normalisation (GroupNorm) after adding the injected input;
-4. ``jac_reg_samples=1`` on the layer and ``+ layer.jac_loss[...]`` in the loss;
+4. the layer's stabiliser, on by default (a Jacobian penalty with an adaptive weight that the
+   layer adds to the gradient itself: nothing in the loss);
 5. a solver budget that the solves meet (Anderson, ``max_steps=30``).
 """
 
@@ -37,8 +38,7 @@ class MyCell(nnx.Module):
 class Model(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.stem = nnx.Conv(1, channels, (3, 3), rngs=rngs)
-        self.deq = deq.nnx.DEQ(MyCell(channels, rngs=rngs), max_steps=30, jac_reg_samples=1,
-                               rngs=rngs)
+        self.deq = deq.nnx.DEQ(MyCell(channels, rngs=rngs), max_steps=30)
         self.head = nnx.Linear(channels * 64, 10, rngs=rngs)
 
     def features(self, images):
@@ -74,7 +74,7 @@ def test_own_cell_with_the_recipe_trains_and_its_solves_converge():
         def loss_fn(model):
             logits = model(x)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return ce + model.deq.jac_loss[...], ce
+            return ce, ce
 
         (_, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
