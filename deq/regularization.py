@@ -210,4 +210,5 @@ def fixed_point_correction(
     return sum(decay ** (k - 1 - i) * loss_fn(z) for i, z in enumerate(iterates))
 
 
-__all__ = ["AdaptiveWeight", "correction_iterates", "fixed_point_correction", "jacobian_regularization"]
+__all__ = ["AdaptiveWeight", "correction_iterates", "fixed_point_correction",
+           "jacobian_regularization"]

@@ -2,7 +2,8 @@
 
 Flax's MNIST CNN (conv, Dropout, BatchNorm, relu, pool; conv, BatchNorm, relu, pool; two
 Linear) with ``deq.nnx.DEQ(MDEQCell(32, 32, num_groups=4))`` after the first pooling, nothing
-else set (``--layer-kwargs`` adds options); ``linen``: its Linen twin; ``plain``: no DEQ. SGD
+else set (``--layer-kwargs`` adds options); ``linen``: its Linen twin; ``own``: the README's own
+cell (``z -> relu(GroupNorm(conv(z) + x))``, weight norm 0.25) in its place; ``plain``: no DEQ. SGD
 on the cross-entropy alone (MNIST from ``--data_dir``, else sklearn digits at 28x28). Reports
 the median step time (and vs plain), unconverged training solves and their forward steps,
 the final loss, and on test images, at the layer's eval budget and ``--eval-budget-mult``
@@ -12,7 +13,7 @@ times it: accuracy, per-sample ``|f(z) - z| / |f(z)|`` from the cell at the retu
 Usage (writes ``bench_flax_example.{md,json}`` and ``provenance.json`` into ``--out``,
 default ``experiments/results/bench_flax_example``)::
 
-  python -m experiments.bench_flax_example [--steps 150] [--variants plain,nnx,linen]
+  python -m experiments.bench_flax_example [--steps 150] [--variants plain,nnx,linen,own]
       [--layer-kwargs '{"jac_reg_samples": 1}'] [--eval-budget-mult 4] [--out DIR]
 """
 
@@ -37,22 +38,36 @@ import deq.cells.linen
 import deq.linen
 import deq.nnx
 from deq import _layer_common as _common
-from deq.cells.nnx import MDEQCell
+from deq.cells.nnx import Conv, MDEQCell, WeightNorm
 
-VARIANTS = ("plain", "nnx", "linen")
+VARIANTS = ("plain", "nnx", "linen", "own")
 _pool = lambda x: nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
-class CNN(nnx.Module):
-    """Flax's NNX MNIST example; a DEQ after the first pooling unless layer_kwargs is None."""
+class OwnCell(nnx.Module):
+    """The README's own cell, ``z -> relu(GroupNorm(conv(z) + x))``, with its recipe."""
 
-    def __init__(self, layer_kwargs: dict | None, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = WeightNorm(Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs),
+                               init_scale=0.25)
+        self.norm = nnx.GroupNorm(channels, num_groups=2, rngs=rngs)
+
+    def __call__(self, z, x):
+        return jax.nn.relu(self.norm(self.conv(z) + x))
+
+
+class CNN(nnx.Module):
+    """Flax's NNX MNIST example; a DEQ after the first pooling unless layer_kwargs is None
+    (``own``: the README's own cell instead of ``MDEQCell``)."""
+
+    def __init__(self, layer_kwargs: dict | None, *, rngs: nnx.Rngs, own: bool = False):
         self.conv1 = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
         self.batch_norm1 = nnx.BatchNorm(32, rngs=rngs)
         self.dropout1 = nnx.Dropout(rate=0.025, rngs=rngs)
         extra = {"rngs": rngs} if (layer_kwargs or {}).get("jac_reg_samples") else {}
+        cell = OwnCell(32, rngs=rngs) if own else MDEQCell(32, 32, num_groups=4, rngs=rngs)
         self.deq = nnx.data(None) if layer_kwargs is None else deq.nnx.DEQ(
-            MDEQCell(32, 32, num_groups=4, rngs=rngs), **layer_kwargs, **extra)
+            cell, **layer_kwargs, **extra)
         self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), rngs=rngs)
         self.batch_norm2 = nnx.BatchNorm(64, rngs=rngs)
         self.linear1 = nnx.Linear(3136, 256, rngs=rngs)
@@ -112,9 +127,9 @@ def nnx_eval_step(model, images):
     return model.head(z).argmax(-1), _residuals(fz, z), model.deq.stats.get_value().num_steps
 
 
-def setup_nnx(args, layer_kwargs):
+def setup_nnx(args, layer_kwargs, own=False):
     """train(x, y) -> (loss, stats); evaluate(mult) -> x -> (classes, residuals, fwd steps)."""
-    model = CNN(layer_kwargs, rngs=nnx.Rngs(args.seed))
+    model = CNN(layer_kwargs, rngs=nnx.Rngs(args.seed), own=own)
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     model.train()
 
@@ -176,7 +191,7 @@ def setup_linen(args, layer_kwargs):
 
 
 def run_variant(name, args, layer_kwargs, train_data, test):
-    setup = setup_linen if name == "linen" else setup_nnx
+    setup = {"linen": setup_linen, "own": lambda *a: setup_nnx(*a, own=True)}.get(name, setup_nnx)
     train, evaluate, info = setup(args, None if name == "plain" else layer_kwargs)
     rng, times, losses, stats = np.random.default_rng(args.seed), [], [], []
     with warnings.catch_warnings(record=True) as caught:
@@ -245,7 +260,7 @@ def markdown(rows, meta) -> str:
         frac = r.get("train_converged_fraction_mean")
         unconv = "-" if "rtol" not in r else (
             f"{r['train_unconverged']}/{r['train_steps']}{' (warned)' * r['unconverged_warning']}"
-            + (f"; {pct(frac)} of samples converged" if frac is not None else ""))
+            + (f"; {100 * frac:.2f}% of samples converged" if frac is not None else ""))
         cells = [r["variant"], f"{r['step_ms']:.0f}",
                  f"{r['step_ms'] / plain:.2f}x" if plain else "-", unconv,
                  f"{r['train_fwd_steps_mean']:.1f}" if "rtol" in r else "-",
@@ -261,7 +276,8 @@ def main(argv=None):
     for flag, default in [("--steps", 150), ("--batch", 128), ("--seed", 0), ("--eval-batch", 500),
                           ("--eval-budget-mult", 4), ("--eval-images", 10000)]:
         p.add_argument(flag, type=int, default=default, help=f"default {default}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="subset of plain,nnx,linen")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="subset of " + ",".join(VARIANTS))
     p.add_argument("--layer-kwargs", default="{}", help="JSON dict of extra options of both "
                    "DEQ layers, e.g. '{\"jac_reg_samples\": 1}'")
     p.add_argument("--data_dir", default=os.environ.get("DEQ_MNIST_DIR", ""),

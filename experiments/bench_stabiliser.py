@@ -59,7 +59,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
               for v in VARIANTS}
         agg = {v: {k: _ms([r[k] for r in rs]) for k in
                    (*FIELDS, "at_equilibrium", "train_unconverged")} for v, rs in by.items()}
-        ratio = lambda k: agg["without"][k]["mean"] / agg["with"][k]["mean"]  # noqa: E731
+
+        def ratio(k, agg=agg):
+            return agg["without"][k]["mean"] / agg["with"][k]["mean"]
+
         paired = [w["test_accuracy"] - o["test_accuracy"]
                   for w, o in zip(by["with"], by["without"])]
         out.append({"config": config, "seeds": len(by["with"]), **agg,
@@ -94,8 +97,9 @@ def markdown(agg: list[dict], meta: dict) -> str:
     for a in agg:
         lines.append(
             f"- {a['config']}: {a['eval_steps_ratio']:.2f}x fewer forward steps at evaluation "
-            f"with the stabiliser, accuracy {pm(a['accuracy_difference'], '{:+.2f}', 100)} "
-            f"points (paired by seed), training step {a['step_time_ratio']:.2f}x.")
+            f"with the stabiliser, accuracy {100 * a['accuracy_difference']['mean']:+.2f} +- "
+            f"{100 * a['accuracy_difference']['std']:.2f} points (paired by seed), training "
+            f"step {a['step_time_ratio']:.2f}x.")
     return "\n".join(lines) + "\n"
 
 

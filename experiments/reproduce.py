@@ -646,7 +646,8 @@ def _bench_derivatives_lines(results: Path, stale: dict) -> list[str]:
         lines.append(
             f"- **Derivatives beyond the gradient**, the core benchmark's cell, batch "
             f"{c['batch']}, {c['channels']} channels ([{path.stem}](experiments/results/"
-            f"{rel.with_suffix('.md')}); {_prov_line(res['provenance'], stale.get(rel.parts[0]), '')}"
+            f"{rel.with_suffix('.md')}); "
+            f"{_prov_line(res['provenance'], stale.get(rel.parts[0]), '')}"
             f"): " + "; ".join(parts) + ". Errors are against a tight implicit reference.")
     return lines
 
@@ -698,12 +699,76 @@ def _bench_own_cell_lines(results: Path, stale: dict) -> list[str]:
     return lines
 
 
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _flax_row(r: dict, k: int) -> str:
+    return (f"{100 * r['eval1x_res_1e3_frac']:.2f}% of test samples at equilibrium (worst "
+            f"residual {r['eval1x_res_worst']:.1e}), accuracy {100 * r['eval1x_acc']:.2f}% "
+            f"({100 * r[f'eval{k}x_acc']:.2f}% with {k}x the eval budget, "
+            f"{r['pred_changed']} predictions changed), {r['eval1x_fwd_steps_mean']:.1f} forward "
+            f"steps at evaluation, {r['train_unconverged']} of {r['train_steps']} training solves "
+            f"unconverged")
+
+
+def _bench_flax_example_lines(results: Path, stale: dict) -> list[str]:
+    res = _load(results / "bench_flax_example" / "bench_flax_example.json")
+    if res is None:
+        return []
+    k, rows = res["meta"]["eval_budget_mult"], {r["variant"]: r for r in res["rows"]}
+    plain = rows.get("plain", {}).get("step_ms")
+    vs = lambda r: f", step {r['step_ms'] / plain:.2f}x the plain CNN's" if plain else ""  # noqa
+    parts = [f"{name}: {_flax_row(rows[key], k)}{vs(rows[key])}"
+             for key, name in (("nnx", "NNX"), ("linen", "Linen")) if key in rows]
+    if "own" in rows and "nnx" in rows:
+        parts.append(f"the README's own cell in its place: step "
+                     f"{rows['own']['step_ms'] / rows['nnx']['step_ms']:.2f}x the package "
+                     f"cell's, {_flax_row(rows['own'], k)}")
+    off = _load(results / "bench_flax_example_nostab" / "bench_flax_example.json")
+    if off is not None:
+        r = off["rows"][0]
+        parts.append(f"without the stabiliser (NNX, `jac_reg_samples=0`): {_flax_row(r, k)}, "
+                     f"step {r['step_ms']:.0f} ms against {rows['nnx']['step_ms']:.0f} ms")
+    m = res["meta"]
+    return [f"- **A DEQ dropped into the Flax NNX MNIST example** "
+            f"(`deq.nnx.DEQ(MDEQCell(32, 32, num_groups=4))`, nothing else set; SGD 0.1, "
+            f"momentum 0.9, batch {m['batch']}, {m['steps']} steps, {m['eval_images_used']} test "
+            f"images; [table](experiments/results/bench_flax_example/bench_flax_example.md); "
+            f"{_prov_line(res['provenance'], stale.get('bench_flax_example'), '')}): "
+            + "; ".join(parts) + "."]
+
+
+def _bench_stabiliser_lines(results: Path, stale: dict) -> list[str]:
+    res = _load(results / "bench_stabiliser" / "bench_stabiliser.json")
+    prov = _load(results / "bench_stabiliser" / "provenance.json")
+    if res is None or prov is None:
+        return []
+    parts = []
+    for a in res["aggregate"]:
+        d = a["accuracy_difference"]
+        parts.append(
+            f"{a['config']}: {a['eval_steps_ratio']:.2f}x fewer forward steps at evaluation "
+            f"({a['with']['test_fwd_steps']['mean']:.1f} against "
+            f"{a['without']['test_fwd_steps']['mean']:.1f}), accuracy "
+            f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points, training step "
+            f"{a['step_time_ratio']:.2f}x, test samples at equilibrium "
+            f"{100 * a['with']['at_equilibrium']['mean']:.2f}% against "
+            f"{100 * a['without']['at_equilibrium']['mean']:.2f}%")
+    return [f"- **What the stabiliser buys** (MNIST, {res['meta']['steps']} steps, "
+            f"{res['meta']['seeds']} seeds, with against without; "
+            f"[table](experiments/results/bench_stabiliser/bench_stabiliser.md); "
+            f"{_prov_line(prov, stale.get('bench_stabiliser'), '')}): " + "; ".join(parts) + "."]
+
+
 def readme_block(results: Path = RESULTS) -> str:
     """The README's results summary, generated from the result files (never hand-copied)."""
     stale = stale_sets(results)
     parts = [
         *(line for name, title in TITLES.items()
           for line in _seeds_lines(name, title, results, stale)),
+        *_bench_flax_example_lines(results, stale),
+        *_bench_stabiliser_lines(results, stale),
         *_bench_core_lines(results, stale),
         *_bench_derivatives_lines(results, stale),
         *_bench_eager_lines(results, stale),

@@ -300,7 +300,8 @@ def build(config, info, train, devices: Devices):
     total_steps = data_lib.steps_per_epoch(train, config.train.batch_size) \
         * config.train.num_epochs
     tx = steps.make_optimizer(config, total_steps)
-    task = steps.Task(graphdef, eval_graphdef, tx, skip_nonfinite=config.train.on_nonfinite == "skip")
+    task = steps.Task(graphdef, eval_graphdef, tx,
+                      skip_nonfinite=config.train.on_nonfinite == "skip")
     rest, eval_rest = jax.device_put((rest, eval_rest), devices.replicated)
     return task, params, tx.init(params), rest, eval_rest
 

@@ -28,12 +28,12 @@ def test_bench_flax_example_writes_finite_rows(tmp_path, quick_compile):
 
     bench_flax_example.main([
         "--steps", "3", "--batch", "16", "--eval-images", "32", "--eval-batch", "32",
-        "--eval-budget-mult", "2", "--variants", "nnx,linen,plain", "--data_dir", "",
+        "--eval-budget-mult", "2", "--variants", "nnx,linen,plain,own", "--data_dir", "",
         "--out", str(tmp_path),
     ])
     result = json.loads((tmp_path / "bench_flax_example.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"nnx", "linen", "plain"}
+    assert set(rows) == {"nnx", "linen", "plain", "own"}
     assert "sklearn digits" in result["meta"]["data"]
     for name, r in rows.items():
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float))}

@@ -11,8 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from deq._layer_common import trace_length
 from flax import nnx
 from helpers_layers import (
     APIS,
@@ -29,6 +27,7 @@ import deq
 import deq.cells
 import deq.linen
 import deq.nnx
+from deq._layer_common import trace_length
 from deq.cells import linen as linen_cells
 from deq.cells import nnx as nnx_cells
 
