@@ -602,7 +602,7 @@ def _count_unconverged(key: tuple, max_steps: int, converged, result, rel_residu
         f"converging (the latest: {RESULTS.describe(result)}, relative residual {rel:.1e} "
         f"after {steps} of max_steps={max_steps} steps). The model then trains on points "
         f"that are not equilibria, and its gradients are inexact. Things to try: a stronger "
-        f"stabiliser (jac_reg_samples >= 1 with jac_reg_weight=1.0, or "
+        f"Jacobian stabiliser (jac_reg_samples >= 1 with jac_reg_weight=1.0, or "
         f"deq.regularization.AdaptiveWeight(max_weight=3.0)); "
         f"weight normalisation of the cell's linear maps/convolutions and GroupNorm in the "
         f"cell; a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
