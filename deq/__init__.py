@@ -17,9 +17,12 @@ from deq._solution import (
     RESULTS,
     BackwardStats,
     Solution,
+    TRACE_CAP,
     SolverStats,
     backward_stats,
     backward_stats_probe,
+    trace_size,
+    trace_stride,
 )
 from deq._solvers import Anderson, Broyden, FixedPointIteration, ForwardSolver
 from deq._sqrt import fixed_point_sqrt
@@ -39,10 +42,13 @@ __all__ = [
     "JacobianFreeAdjoint",
     "PhantomAdjoint",
     "Solution",
+    "TRACE_CAP",
     "SolverStats",
     "UnrolledAdjoint",
     "backward_stats",
     "backward_stats_probe",
     "fixed_point",
     "fixed_point_sqrt",
+    "trace_size",
+    "trace_stride",
 ]

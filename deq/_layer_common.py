@@ -25,7 +25,7 @@ import numpy as np
 
 from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
-from deq._solution import RESULTS, SolverStats
+from deq._solution import RESULTS, SolverStats, trace_size
 from deq._solvers import Anderson, Broyden, ForwardSolver
 from deq._validate import check_bool, check_float, check_int, check_max_steps
 from deq.regularization import AdaptiveWeight, jacobian_regularization
@@ -130,8 +130,9 @@ class LayerStats(NamedTuple):
       rel_residual: ``|f(z) - z| / |f(z)|``, worst sample.
       mean_abs_residual: ``|f(z) - z|`` averaged over the samples.
       mean_rel_residual: ``|f(z) - z| / |f(z)|`` averaged over the samples.
-      abs_trace: shape ``(max(max_steps, eval_max_steps),)``, worst-sample absolute residual
-        per step (NaN after ``num_steps``).
+      abs_trace: worst-sample absolute residual per step (NaN after ``num_steps``), long
+        enough for the training and the evaluation budgets, at most ``deq.TRACE_CAP``
+        entries (see :class:`deq.SolverStats`).
       rel_trace: likewise relative.
       converged: bool, every sample met the solver's tolerance.
       result: int32 :class:`deq.RESULTS` code.
@@ -278,8 +279,8 @@ def eval_max_steps(options: Any) -> int:
 def trace_length(options: Any) -> int:
     """Length of the stats' residual traces: the longest budget, training or evaluation."""
     solver = options.solver if options.solver is not None else Anderson()
-    return max(solver.budget(int(options.max_steps)),
-               eval_solver(options).budget(eval_max_steps(options)))
+    return max(trace_size(solver.budget(int(options.max_steps))),
+               trace_size(eval_solver(options).budget(eval_max_steps(options))))
 
 
 class CallOptions(NamedTuple):

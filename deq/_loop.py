@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from deq._solution import RESULTS, SolverStats
+from deq._solution import RESULTS, SolverStats, trace_size, trace_stride
 from deq._solvers import ForwardSolver
 
 
@@ -71,9 +71,11 @@ def _trace_entry(values, live):
     return jnp.where(jnp.any(live), _worst(jnp.where(live, values, 0.0)), jnp.inf)
 
 
-def _record_evaluation(solver: ForwardSolver, s: _LoopState, max_steps: int) -> _LoopState:
+def _record_evaluation(solver: ForwardSolver, s: _LoopState, max_steps: int,
+                       stride: int) -> _LoopState:
     """After the evaluation ``s.fz = f(s.z)``: its residuals, each sample's best iterate, which
-    samples are done or non-finite, and whether (and why) the solve stops."""
+    samples are done or non-finite, and whether (and why) the solve stops. The traces keep
+    one entry per ``stride`` steps (the window's last step overwrites its entry)."""
     res, nf = _residual_norms(s.z, s.fz)
     rel = res / jnp.maximum(nf, jnp.finfo(nf.dtype).tiny)
     tol = solver.tolerance(nf)
@@ -87,7 +89,7 @@ def _record_evaluation(solver: ForwardSolver, s: _LoopState, max_steps: int) -> 
     # A sample whose iterate went non-finite will stay so (f(NaN) is NaN): freeze it at its
     # best finite iterate, as a converged sample is frozen, and let the others go on.
     failed = s.failed | (~finite & ~sample_done)
-    i = s.step - 1
+    i = (s.step - 1) // stride
     abs_trace = s.abs_trace.at[i].set(_trace_entry(res, ~failed))
     rel_trace = s.rel_trace.at[i].set(_trace_entry(rel, ~failed))
 
@@ -123,12 +125,14 @@ def solve(f, solver: ForwardSolver, z0, max_steps: int):
     again for ``solver.fallback`` if the solver left samples unconverged. Samples are
     independent: one that converges, or turns non-finite, is frozen at its best iterate while
     the others go on. Returns ``(z_best, SolverStats)``; the traces have length
-    ``solver.budget(max_steps)``.
+    ``trace_size(solver.budget(max_steps))``.
     """
     res_dtype = residual_dtype(z0)
     bsz = z0.shape[0]
     fz0 = f(z0)
-    nan_trace = jnp.full((solver.budget(max_steps),), jnp.nan, res_dtype)
+    budget = solver.budget(max_steps)
+    stride = trace_stride(budget)
+    nan_trace = jnp.full((trace_size(budget),), jnp.nan, res_dtype)
     primary = solver.without_fallback()
     s = _LoopState(
         step=jnp.ones((), jnp.int32), z=z0, fz=fz0, solver_state=primary.init(z0, fz0),
@@ -140,15 +144,17 @@ def solve(f, solver: ForwardSolver, z0, max_steps: int):
         steps_without_progress=jnp.zeros((), jnp.int32), result=jnp.zeros((), jnp.int32),
         result_per_sample=jnp.zeros((bsz,), jnp.int32), done=jnp.zeros((), jnp.bool_),
     )
-    s = _run(f, primary, primary, _record_evaluation(primary, s, max_steps), max_steps)
+    s = _run(f, primary, primary, _record_evaluation(primary, s, max_steps, stride), max_steps,
+             stride)
     if solver.fallback is not None:
-        s = _fall_back(f, primary, solver.fallback, s, max_steps)
+        s = _fall_back(f, primary, solver.fallback, s, max_steps, stride)
     stats = _stats(s.step, s.best_abs, s.best_rel, s.abs_trace, s.rel_trace, s.result,
                    s.result_per_sample)
     return s.best_z, stats
 
 
-def _run(f, rule: ForwardSolver, stepper: ForwardSolver, s: _LoopState, max_steps: int):
+def _run(f, rule: ForwardSolver, stepper: ForwardSolver, s: _LoopState, max_steps: int,
+         stride: int):
     """The while loop: ``stepper`` proposes iterates, ``rule`` decides when to stop."""
 
     def body(s):
@@ -159,13 +165,13 @@ def _run(f, rule: ForwardSolver, stepper: ForwardSolver, s: _LoopState, max_step
         z_next = jnp.where(frozen[:, None], s.best_z, z_next)
         fz_next = f(z_next)
         s = s._replace(step=s.step + 1, z=z_next, fz=fz_next, solver_state=solver_state)
-        return _record_evaluation(rule, s, max_steps)
+        return _record_evaluation(rule, s, max_steps, stride)
 
     return jax.lax.while_loop(lambda s: ~s.done, body, s)
 
 
 def _fall_back(f, primary: ForwardSolver, fallback: ForwardSolver, s: _LoopState,
-               max_steps: int):
+               max_steps: int, stride: int):
     """Second phase: ``fallback`` restarts the unsettled samples from their best iterates, for
     up to ``max_steps`` more evaluations, with the primary's tolerances and the fallback's
     stall rule. Skipped (no evaluation) when every sample has settled."""
@@ -181,7 +187,8 @@ def _fall_back(f, primary: ForwardSolver, fallback: ForwardSolver, s: _LoopState
             steps_without_progress=jnp.zeros_like(s.steps_without_progress),
             done=jnp.zeros_like(s.done),
         )
-        return _run(f, rule, fallback, _record_evaluation(rule, s, budget), budget)
+        return _run(f, rule, fallback, _record_evaluation(rule, s, budget, stride), budget,
+                    stride)
 
     unsettled = jnp.any((s.best_abs > s.best_tol) & ~s.failed)
     # The state's solver_state changes type with the solver: carry the primary's out of the
@@ -285,10 +292,14 @@ def unroll(f, solver: ForwardSolver, z0, num_steps: int, checkpoint: bool = Fals
         jnp.any(failed), RESULTS.NONFINITE,
         jnp.where(jnp.all(conv), RESULTS.SUCCESSFUL, RESULTS.MAX_STEPS),
     ).astype(jnp.int32)
+    # The traces keep the last step of each window of trace_stride steps.
+    stride = trace_stride(num_steps)
+    keep = jnp.minimum(jnp.arange(1, trace_size(num_steps) + 1) * stride, num_steps) - 1
     trace = jax.vmap(_trace_entry)
     stats = _stats(
         jnp.asarray(num_steps, jnp.int32),
         jnp.where(failed, best_res, res[-1]), jnp.where(failed, best_rel, rel[-1]),
-        trace(res, ~failed_at), trace(rel, ~failed_at), result, result_per_sample,
+        trace(res[keep], ~failed_at[keep]), trace(rel[keep], ~failed_at[keep]), result,
+        result_per_sample,
     )
     return z_out, stats

@@ -23,6 +23,19 @@ class RESULTS(enum.IntEnum):
         return cls(int(code)).name.lower()
 
 
+TRACE_CAP = 256  # the longest residual trace kept by a solve's stats
+
+
+def trace_stride(budget: int) -> int:
+    """Steps per trace entry for a solve of ``budget`` steps: 1 up to ``TRACE_CAP``."""
+    return max(1, -(-int(budget) // TRACE_CAP))
+
+
+def trace_size(budget: int) -> int:
+    """Entries of the residual traces of a solve of ``budget`` steps (<= ``TRACE_CAP``)."""
+    return -(-int(budget) // trace_stride(budget))
+
+
 class SolverStats(NamedTuple):
     """Statistics of one solve. Every field has a fixed shape, so this is safe under jit/vmap.
 
@@ -38,10 +51,14 @@ class SolverStats(NamedTuple):
       rel_residual: ``|f(z) - z| / |f(z)|`` of the returned iterate, worst sample.
       abs_residual_per_sample: shape ``(batch,)`` (``(1,)`` when unbatched).
       rel_residual_per_sample: shape ``(batch,)``.
-      abs_trace: shape ``(max_steps,)``, the worst absolute residual at each step over the
-        samples that have not turned non-finite (inf once none is left); entries after
-        ``num_steps`` are NaN (padding, not a failure).
-      rel_trace: shape ``(max_steps,)``, likewise for the relative residual.
+      abs_trace: the worst absolute residual over the samples that have not turned
+        non-finite (inf once none is left), step by step: shape ``(n,)`` with
+        ``n = trace_size(budget)``, where ``budget`` is ``max_steps`` (twice that with a
+        fallback solver). Up to ``TRACE_CAP`` steps each step has its entry; a longer budget
+        keeps every ``trace_stride(budget)``-th step (entry ``j`` is step
+        ``(j + 1) * stride``, or the last step), so the stats' size never grows with the
+        budget. Entries after the last step are NaN (padding, not a failure).
+      rel_trace: likewise for the relative residual.
       converged: bool, every sample met its tolerance.
       result: int32 code from :class:`RESULTS`: SUCCESSFUL if every sample converged, else
         NONFINITE if any sample turned non-finite, else why the solve stopped.

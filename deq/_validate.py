@@ -143,10 +143,20 @@ def check_tolerances(owner, rtol, atol) -> tuple[float, float]:
     return rtol, atol
 
 
+# Steps are counted in int32 on the device, and a fallback solver may double a budget.
+MAX_STEPS_LIMIT = 2**29
+
+
 def check_max_steps(owner, value, field: str = "max_steps", *,
                     allow_none: bool = False) -> int | None:
-    """A step budget (``max_steps`` and its kin): an integer >= 1."""
-    return check_int(owner, field, value, minimum=1, allow_none=allow_none)
+    """A step budget (``max_steps`` and its kin): an integer in ``[1, MAX_STEPS_LIMIT]``."""
+    value = check_int(owner, field, value, minimum=1, allow_none=allow_none)
+    if value is not None and value > MAX_STEPS_LIMIT:
+        raise ValueError(
+            f"{_owner(owner)}: {field}={value} is more steps than a solve can count (at most "
+            f"{MAX_STEPS_LIMIT}, counted in int32 on the device); a budget that large never "
+            "ends in practice: use a smaller one, and a solver that converges.")
+    return value
 
 
 def set_field(obj, field: str, value) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 OVERRIDE_HELP = (
@@ -275,12 +276,22 @@ def setup_console() -> None:
     ours.setLevel(logging.INFO)
     ours.propagate = False
     quiet_third_party_logs()
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as ``warning (Category): message``: the solver's warnings are raised from
+    JAX's callback machinery, whose file and source line mean nothing to a user."""
+    return f"warning ({category.__name__}): {message}\n"
 
 
 def quiet_third_party_logs() -> None:
     """Orbax and TFDS log through absl (checkpoint steps at INFO, a "no dataset_info.json"
     warning before every first build): keep only their errors."""
-    for name in ("absl", "orbax", "tensorflow_datasets"):
+    # JAX's backend probe ("Unable to initialize backend 'tpu'") and its distributed
+    # service's connection lines are INFO too.
+    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge",
+                 "jax._src.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(Exception):
         import tensorflow_datasets as tfds

@@ -14,6 +14,7 @@ import logging
 import re
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from experiments import data as data_lib
@@ -151,5 +152,5 @@ def check_stored_config(config, workdir: Path) -> None:
 
 def store_config(config, workdir: Path) -> None:
     path = workdir / "config.json"
-    if not path.exists():
+    if jax.process_index() == 0 and not path.exists():
         path.write_text(json.dumps(_json_fields(config), indent=1, sort_keys=True))

@@ -10,10 +10,14 @@ Rerunning the same command resumes from the last checkpoint in --workdir (after 
 a second run on a workdir that a run holds is refused. Prints one line per epoch and a final
 summary (also in DIR/summary.json, with per-epoch records in DIR/metrics.jsonl). Exit status:
 0 done, 1 the run failed (non-finite loss, damaged checkpoint, missing data, workdir held by
-another run), 2 bad command line or config, 130 interrupted. For a multi-host run, start the same
-command on every host with --distributed (it calls jax.distributed.initialize(), which reads
-the coordinator address from the environment on Cloud TPU / SLURM, or from
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+another run), 2 bad command line or config, 130 interrupted.
+
+Multi-process (data parallel): start the same command in every process with --distributed.
+Under SLURM (srun), Open MPI or on Cloud TPU, JAX finds the processes itself; elsewhere give
+--coordinator_address HOST:PORT (process 0's), --num_processes N and --process_id I, or the
+environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Every
+process reads the data and trains on its share of each global batch; process 0 writes the
+metrics, the summary and the console lines (the workdir must be shared).
 """
 
 import os
@@ -31,12 +35,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: process 0's HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 FLAGS_HELP = """flags:
   --config FILE         an ml_collections config file (configs/*.py), required
   --workdir DIR         checkpoints, metrics.jsonl, summary.json; an existing run resumes
-  --distributed         call jax.distributed.initialize() (multi-host)
+  --distributed         multi-process data parallelism (jax.distributed.initialize())
+  --coordinator_address HOST:PORT, --num_processes N, --process_id I
+                        with --distributed, where no cluster (SLURM, MPI, TPU) says them
   --config.FIELD=VALUE  override one config field (repeatable)
   --help                this help; --helpfull lists absl's own flags too"""
 
@@ -76,7 +85,11 @@ def main(argv):
         import jax
 
         if FLAGS.distributed:
-            jax.distributed.initialize()
+            initialize_distributed()
+        elif any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
+                                         FLAGS.process_id)):
+            cli.fail(PROG, "--coordinator_address, --num_processes and --process_id go with "
+                           "--distributed; add it (see --help).")
         from experiments.train import convergence_report, train_and_evaluate
 
         with cli.short_errors(PROG):
@@ -88,9 +101,51 @@ def main(argv):
               "checkpoint.", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # skip the shutdown, where orbax/TensorStore threads can still be busy
+    if jax.process_index() != 0:
+        return
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epochs; summary in {FLAGS.workdir}/summary.json")
     print(convergence_report(summary))
+
+
+def initialize_distributed():
+    """``jax.distributed.initialize`` from the flags, else the environment, else the cluster
+    JAX detects (SLURM, Open MPI, Cloud TPU); CPU processes talk over gloo."""
+    import logging
+
+    import jax
+
+    def env_int(name):
+        value = os.environ.get(name)
+        if value is None:
+            return None
+        if not value.strip().isdigit():
+            cli.fail(PROG, f"{name}={value!r} is not a non-negative integer.")
+        return int(value)
+
+    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = FLAGS.num_processes if FLAGS.num_processes is not None \
+        else env_int("JAX_NUM_PROCESSES")
+    pid = FLAGS.process_id if FLAGS.process_id is not None else env_int("JAX_PROCESS_ID")
+    if num is not None and pid is not None and not 0 <= pid < num:
+        cli.fail(PROG, f"--process_id={pid} must be in [0, {num}) for --num_processes={num}.")
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num,
+                                   process_id=pid)
+    except (ValueError, TypeError) as e:
+        cli.fail(PROG, f"--distributed: {e} No cluster (SLURM, Open MPI, Cloud TPU) was "
+                       "found to say it: pass --coordinator_address HOST:PORT, --num_processes "
+                       "N and --process_id I (see --help).")
+    except RuntimeError as e:  # e.g. the coordinator cannot be reached
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: --distributed: could not join the other processes "
+              f"({first[:300]}). Check that every process was started with the same "
+              "coordinator address and process count.", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() != 0:  # one process speaks for the run
+        logging.getLogger("experiments").setLevel(logging.WARNING)
 
 
 def run():

@@ -54,17 +54,23 @@ class MetricsWriter:
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
+        self._f = None
+        if jax.process_index() != 0:  # a multi-process run's records are written once
+            return
         if path.exists():
             kept = [r for r in _parse_metrics(path) if r.get("step", 0) <= resume_step]
             path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self._f = open(path, "a")  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict) -> None:
+        if self._f is None:
+            return
         self._f.write(json.dumps(record, sort_keys=True) + "\n")
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,7 +191,7 @@ class EpochLog:
 
 
 def _progress(config, total, initial, epoch):
-    if not config.train.progress_bar:
+    if not config.train.progress_bar or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
 
@@ -277,7 +283,8 @@ def run_info(config, compiled, compile_seconds: float, num_params: int,
 
 
 def peak_memory():
-    stats = jax.devices()[0].memory_stats()
+    """Peak bytes in use on this process's first device (None where the backend reports none)."""
+    stats = jax.local_devices()[0].memory_stats()
     if not stats:
         return None  # the CPU backend reports none; see train_step_temp_bytes
     return int(stats.get("peak_bytes_in_use", 0))
@@ -323,7 +330,8 @@ def summary(info: dict, workdir: Path, final_step: int) -> dict:
     unconverged = [out[k] for k in ("train_fwd_unconverged", "train_bwd_unconverged",
                                     "eval_fwd_unconverged")]
     out["all_solves_converged"] = None if None in unconverged else not any(unconverged)
-    (workdir / "summary.json").write_text(json.dumps(out, indent=1))
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(out, indent=1))
     return out
 
 

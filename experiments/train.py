@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -155,7 +156,7 @@ def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position
     train, test = splits
     task, params, opt_state, rest, eval_rest = built
     store_config(config, workdir)
-    ckpt = Checkpoints(workdir, config.train.keep_checkpoints, devices.replicated)
+    ckpt = Checkpoints(workdir, config.train.keep_checkpoints, devices)
     step, params, opt_state, progress = ckpt.restore(params, opt_state)
     at.step = step
     writer = MetricsWriter(workdir / "metrics.jsonl", step)
@@ -196,6 +197,8 @@ def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position
         ckpt.save(step, params, opt_state, EpochStats(epoch + 1).state(0.0), force=True)
     ckpt.close()
     writer.close()
+    if jax.process_count() > 1:  # process 0 has written every record: all read them
+        multihost_utils.sync_global_devices("deq-train: run records written")
     return metrics_lib.summary(run_info, workdir, step)
 
 
@@ -274,7 +277,25 @@ class Devices:
                      for a in arrays)
 
     def new_metrics(self):
-        return jax.device_put(steps.new_metrics(), self.replicated)
+        return self.replicate(steps.new_metrics())
+
+    def replicate(self, tree):
+        """``tree`` on every device. Each process passes its own copy, which must be the
+        same everywhere (same seed, same checkpoint): ``jax.device_put`` would compare them
+        with an all-gather, which fails on the NaN of a layer's stats before its first call."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def put(x):
+            if isinstance(x, jax.Array) and x.sharding == self.replicated:
+                return x
+            if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                                impl=jax.random.key_impl(x))
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, self.replicated, lambda i: x[i])
+
+        return jax.tree.map(put, tree)
 
 
 def _local_rows(a: np.ndarray) -> np.ndarray:
@@ -302,7 +323,7 @@ def build(config, info, train, devices: Devices):
     tx = steps.make_optimizer(config, total_steps)
     task = steps.Task(graphdef, eval_graphdef, tx,
                       skip_nonfinite=config.train.on_nonfinite == "skip")
-    rest, eval_rest = jax.device_put((rest, eval_rest), devices.replicated)
+    rest, eval_rest = devices.replicate((rest, eval_rest))
     return task, params, tx.init(params), rest, eval_rest
 
 
@@ -318,7 +339,8 @@ def compile_train_step(config, task, params, opt_state, rest, train, devices, wo
     num_params = sum(int(np.prod(np.shape(p))) for p in jax.tree_util.tree_leaves(params))
     info = metrics_lib.run_info(config, compiled, time.perf_counter() - t0, num_params,
                                 data_lib.steps_per_epoch(train, bs))
-    (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
+    if jax.process_index() == 0:
+        (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
     logger.debug("%s", info)
     return compiled, info
 
@@ -326,10 +348,11 @@ def compile_train_step(config, task, params, opt_state, rest, train, devices, wo
 class Checkpoints:
     """The run's orbax checkpoints: ``{"params", "opt_state"}`` and the epoch sums."""
 
-    def __init__(self, workdir: Path, keep: int, sharding):
+    def __init__(self, workdir: Path, keep: int, devices: Devices):
         self.dir = (workdir / "checkpoints").absolute()
         self.manager = ckpt_lib.make_manager(self.dir, keep)
-        self.sharding = sharding
+        self.devices = devices
+        self.sharding = devices.replicated
 
     def restore(self, params, opt_state):
         """``(step, params, opt_state, progress)`` of the latest checkpoint, or the given
@@ -340,7 +363,7 @@ class Checkpoints:
         if restored is not None:
             state = restored
             logger.info("resumed from step %d (checkpoint %s)", step, self.dir / str(step))
-        state = jax.device_put(state, self.sharding)
+        state = self.devices.replicate(state)
         return step or 0, state["params"], state["opt_state"], progress or {}
 
     def save(self, step, params, opt_state, epoch_state: dict, force=False):

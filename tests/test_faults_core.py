@@ -116,6 +116,9 @@ BAD_OPTIONS = [
      "max_steps"),
     (lambda: deq.fixed_point(lambda z, a: z, jnp.zeros(2), batched="yes"), TypeError,
      "batched"),
+    (lambda: deq.fixed_point(lambda z, a: z, jnp.zeros(2), max_steps=2**31), ValueError,
+     "max_steps=2147483648 is more steps than a solve can count"),
+    (lambda: deq.ImplicitAdjoint(max_steps=10**10), ValueError, "ImplicitAdjoint: max_steps"),
 ]
 
 
@@ -135,6 +138,35 @@ def test_numpy_integers_are_accepted_and_normalised():
     sol = jax.eval_shape(lambda: deq.fixed_point(lambda z, a: 0.5 * z + a, jnp.zeros(2),
                                                  jnp.ones(2), max_steps=np.int64(5)))
     assert sol.stats.abs_trace.shape == (5,)
+
+
+@pytest.mark.parametrize("solver", [deq.Anderson(), deq.Anderson(fallback=deq.Broyden())])
+def test_stats_stay_small_whatever_the_budget(solver):
+    """A huge budget costs nothing until it is used: the traces keep at most TRACE_CAP
+    entries, every step's entry up to that, every stride-th step beyond it."""
+    fn = lambda z, a: 0.5 * jnp.tanh(z) + a  # noqa: E731
+    for budget in (5, deq.TRACE_CAP, 2 * 10**8, 2**29):
+        sol = jax.eval_shape(lambda b=budget: deq.fixed_point(
+            fn, jnp.zeros((3, 2)), jnp.ones((3, 2)), solver=solver, max_steps=b,
+            batched=True))
+        assert sol.stats.abs_trace.shape == (deq.trace_size(solver.budget(budget)),)
+        assert sol.stats.abs_trace.shape[0] <= deq.TRACE_CAP
+    assert deq.trace_size(5) == 5 and deq.trace_size(2 * 10**8) <= deq.TRACE_CAP
+    # Run for real: a budget of 2e8 steps converges in a few, like a budget of 50.
+    sol = deq.fixed_point(fn, jnp.zeros(2), jnp.ones(2), solver=solver, max_steps=2 * 10**8)
+    assert bool(sol.stats.converged) and int(sol.stats.num_steps) < 50
+    # A budget beyond the cap: entry j holds step (j + 1) * stride (or the last step).
+    strict = deq.FixedPointIteration(rtol=0.0, atol=1e-30, stall_patience=10**6)
+    slow = lambda z, a: 0.999 * z + a  # noqa: E731
+    sol = deq.fixed_point(slow, jnp.zeros(1), jnp.ones(1), solver=strict, max_steps=1000)
+    stride = deq.trace_stride(1000)
+    assert stride == 4 and sol.stats.abs_trace.shape == (250,)
+    full = deq.fixed_point(slow, jnp.zeros(1), jnp.ones(1), solver=strict, max_steps=200)
+    np.testing.assert_allclose(sol.stats.abs_trace[:50], full.stats.abs_trace[3:200:4],
+                               rtol=1e-6)
+    unrolled = deq.fixed_point(slow, jnp.zeros(1), jnp.ones(1), solver=strict, max_steps=1000,
+                               adjoint=deq.UnrolledAdjoint())
+    np.testing.assert_allclose(unrolled.stats.abs_trace, sol.stats.abs_trace, rtol=1e-5)
 
 
 # --- empty batch ---------------------------------------------------------------------------

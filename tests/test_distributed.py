@@ -1,0 +1,69 @@
+"""``deq-train --distributed``: two processes on this machine (JAX's CPU collectives over gloo)
+train the smoke config end to end and match a one-process run with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _train(workdir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.main", "--config", "configs/smoke.py",
+         "--workdir", str(workdir), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"a training process hung:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_two_processes_train_like_one(tmp_path):
+    port = _free_port()
+    procs = [_train(tmp_path / "two", "--distributed", f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2", f"--process_id={i}") for i in range(2)]
+    single = _train(tmp_path / "one")
+    outs = [_finish(p) for p in procs]
+    _finish(single)
+    # One process speaks for the run: process 1 prints no epoch lines.
+    assert "epoch 2/2" in outs[0] and "epoch" not in outs[1], outs[1][-2000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert two["machine"].endswith("2 JAX device(s)")
+    # Records are written once: two epoch lines, not four.
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(r)["kind"] == "epoch" for r in lines) == 2 == two["epochs"]
+    assert two["final_step"] == one["final_step"]
+    assert two["test_accuracy"] == one["test_accuracy"]
+    for key in ("train_fwd_rel_residual", "test_fwd_rel_residual"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3)
+
+
+def test_distributed_flags_need_distributed(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.main", "--config", "configs/smoke.py",
+         "--workdir", str(tmp_path / "w"), "--num_processes=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "go with --distributed" in out.stderr, out.stderr
