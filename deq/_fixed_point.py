@@ -12,7 +12,7 @@ import numpy as np
 from deq._adjoint import Adjoint, ImplicitAdjoint
 from deq._solution import BACKWARD_STATS_SIZE, Solution
 from deq._solvers import Anderson, ForwardSolver
-from deq._validate import check_bool, check_max_steps
+from deq._validate import check_bool, check_max_steps, check_precision
 
 
 def _is_array_like(x) -> bool:
@@ -137,6 +137,7 @@ def fixed_point(
         )
     max_steps = check_max_steps("deq.fixed_point", max_steps)
     batched = check_bool("deq.fixed_point", "batched", batched)
+    precision = check_precision("deq.fixed_point", precision)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
 

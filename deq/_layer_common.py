@@ -27,7 +27,13 @@ from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats, trace_size
 from deq._solvers import Anderson, Broyden, ForwardSolver
-from deq._validate import check_bool, check_float, check_int, check_max_steps
+from deq._validate import (
+    check_bool,
+    check_float,
+    check_int,
+    check_max_steps,
+    check_precision,
+)
 from deq.regularization import AdaptiveWeight, jacobian_regularization
 
 # The layers' forward budget, below deq.fixed_point's 50: a layer's solve runs on every
@@ -242,6 +248,7 @@ def validate(layer: str, options: Any) -> None:
             f"'inject') or a callable x -> z0, got {o.z_init!r}."
         )
     check_bool(layer, "batched", o.batched)
+    check_precision(layer, o.precision)
     if o.deterministic is not None:
         check_bool(layer, "deterministic", o.deterministic)
     check_int(layer, "jac_reg_samples", o.jac_reg_samples, minimum=0)
@@ -394,9 +401,8 @@ def checked_start(layer: str, z_init, cell: Any, x, z0, run: Callable[[], Any]) 
     try:
         out = run()
     except (TypeError, ValueError) as e:
-        guessed = isinstance(z_init, str) and z_init == "zeros" and not hasattr(cell, "state_shape")
-        if isinstance(e, StatefulCellError) or not guessed:
-            raise  # the user chose z0's shape: the cell's own error says more
+        if isinstance(e, StatefulCellError):
+            raise
         reason = f"the cell failed on it: {str(e).rstrip('.')}"
         raise _start_error(layer, z_init, cell, x, z0, reason) from e
     z_struct = jax.tree_util.tree_structure(z0)

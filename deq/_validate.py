@@ -159,6 +159,24 @@ def check_max_steps(owner, value, field: str = "max_steps", *,
     return value
 
 
+def check_precision(owner, value, field: str = "precision") -> str | None:
+    """A matmul precision for ``jax.default_matmul_precision``: None, one of its names
+    (``"highest"``, ``"float32"``, ...) or a ``jax.lax.Precision``; returned as the name."""
+    if value is None:
+        return None
+    if isinstance(value, jax.lax.Precision):
+        value = {"DEFAULT": "default", "HIGH": "high", "HIGHEST": "highest"}[value.name]
+    try:
+        with jax.default_matmul_precision(value):
+            pass
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{_owner(owner)}: {field} must be None, 'default', 'high', 'highest' (or another "
+            f"name jax.default_matmul_precision accepts, e.g. 'float32'), got {value!r}."
+        ) from None
+    return value
+
+
 def set_field(obj, field: str, value) -> None:
     """Store a normalised value on a frozen dataclass (from its ``__post_init__``)."""
     object.__setattr__(obj, field, value)

@@ -241,10 +241,35 @@ def fail(prog: str, message: str, code: int = 2, *, hard: bool = False):
 def _errors():
     """(errors we raise with a complete message, other errors a user may still act on)."""
     from experiments.checkpoints import CheckpointError
+    from experiments.data import DatasetError
     from experiments.train import NonFiniteError, WorkdirInUseError
 
     return (ConfigError, FileNotFoundError, NotADirectoryError, CheckpointError,
-            NonFiniteError, WorkdirInUseError), (ValueError,)
+            NonFiniteError, WorkdirInUseError, DatasetError, RunFileError), (ValueError,)
+
+
+# Exit statuses of both CLIs.
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Errors of what the user asked for (a bad flag, config field, data folder or run folder):
+# EXIT_USAGE. Any other error of a run: EXIT_FAILED.
+USAGE_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError)
+
+
+class RunFileError(RuntimeError):
+    """A file of a run's workdir (config.json, summary.json) that cannot be read."""
+
+
+def read_run_json(path, role: str):
+    """The JSON in ``path``, a file of a run's workdir; a file that does not parse raises
+    RunFileError naming it, what it holds and the way out."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(
+            f"{path} is not valid JSON ({e}); it holds {role}. Restore it from a copy, or "
+            f"start over in a new --workdir.") from None
 
 
 @contextlib.contextmanager
@@ -258,7 +283,8 @@ def short_errors(prog: str):
         if os.environ.get("DEQ_TRACEBACK"):
             raise
         hint = "" if isinstance(e, ours) else " (set DEQ_TRACEBACK=1 to see where it was raised)"
-        fail(prog, f"{e}{hint}", code=2 if isinstance(e, ConfigError) else 1, hard=True)
+        code = EXIT_USAGE if isinstance(e, USAGE_ERRORS) else EXIT_FAILED
+        fail(prog, f"{e}{hint}", code=code, hard=True)
 
 
 class _ConsoleFormatter(logging.Formatter):

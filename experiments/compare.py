@@ -50,7 +50,8 @@ def summarize(workdir: Path) -> dict:
             f"{workdir} has no summary.json: the run has not finished (rerun its config to "
             "resume it)."
         )
-    summary = json.loads(summary_path.read_text())
+    summary = cli.read_run_json(summary_path, "the summary of a finished run (rerun its config "
+                                "in a new workdir to write it again)")
     summary["workdir"] = str(workdir)
     return summary
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import ml_collections
 
 from experiments import data as data_lib
 from experiments import models
-from experiments.cli import ConfigError, config_fields, get_field
+from experiments.cli import ConfigError, config_fields, get_field, read_run_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ LAYER_FIELDS = {"max_steps": "solver.max_steps", "jac_reg_samples": "reg.jac_sam
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError (a ValueError) naming the first bad field of ``config``."""
+    for field, value in config_fields(config.to_dict()).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{field}={value!r} must be a finite number.")
     for field, options in CHOICES.items():
         if get_field(config, field) not in options:
             raise ConfigError(f"config.{field}={get_field(config, field)!r} is not one of "
@@ -137,7 +141,8 @@ def check_stored_config(config, workdir: Path) -> None:
     path = workdir / "config.json"
     current = {**STORED_DEFAULTS, **_json_fields(config)}
     if path.exists():
-        stored = {**STORED_DEFAULTS, **json.loads(path.read_text())}
+        stored = {**STORED_DEFAULTS,
+                  **read_run_json(path, "the config of the run stored in this workdir")}
         diff = sorted(
             k for k in set(stored) | set(current)
             if k not in RESUMABLE_FIELDS and stored.get(k) != current.get(k)

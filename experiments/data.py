@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -156,7 +157,7 @@ def prepare_builder(
     elif data_dir is not None:
         logger.warning("data_dir=%r is ignored for the embedded %r dataset", data_dir, name)
 
-    builder = builder_cls(data_dir=tfds_dir, file_format="array_record")
+    builder = _open(builder_cls, tfds_dir)
     if builder.is_prepared():
         return builder
     if builder_cls is MnistIdx and download_config is None:
@@ -168,13 +169,32 @@ def prepare_builder(
     # Two runs started together (a DEQ and its baseline) would both build the dataset and the
     # second would fail renaming its copy into place: build under a lock, re-check after it.
     with _build_lock(os.path.join(tfds_dir, f".{builder.name}.build.lock")):
-        builder = builder_cls(data_dir=tfds_dir, file_format="array_record")
+        builder = _open(builder_cls, tfds_dir)
         if builder.is_prepared():
             return builder
         logger.info("Building TFDS dataset %s into %s", builder.name, builder.data_dir)
-        builder.download_and_prepare(download_config=download_config,
-                                     file_format="array_record")
+        # TFDS prints "Downloading and preparing dataset ..." to stdout: nothing is
+        # downloaded here (the builders read local files), so keep our one line instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=download_config,
+                                         file_format="array_record")
     return builder
+
+
+def _open(builder_cls, tfds_dir: str):
+    """The builder of ``builder_cls`` in ``tfds_dir``; a folder whose metadata does not
+    parse (a build stopped mid-write) is named with the way to rebuild it."""
+    try:
+        builder = builder_cls(data_dir=tfds_dir, file_format="array_record")
+        builder.is_prepared()
+        return builder
+    except Exception as e:  # TFDS raises protobuf, JSON and OS errors here
+        folder = os.path.join(tfds_dir, builder_cls.name, str(builder_cls.VERSION))
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DatasetError(
+            f"the TFDS dataset {builder_cls.name!r} in {folder} is damaged ({first}), e.g. by "
+            f"a build that was stopped. Delete that folder (rm -rf {folder}) and rerun: it is "
+            "rebuilt from its source.") from None
 
 
 @contextlib.contextmanager
@@ -187,9 +207,23 @@ def _build_lock(path: str):
     if fcntl is None:
         yield
         return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(path, "a+") as f:
         try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            logger.warning(
+                "waiting for %s, which is building this dataset (it holds %s). If that "
+                "process is stopped (Ctrl-Z), resume it (fg) or end it; this run then goes "
+                "on.", who, path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -212,8 +246,31 @@ def read_split(
       ValueError: If ``split`` does not exist or ``limit`` is not positive.
     """
     available = sorted(builder.info.splits.keys())
+    if not available:
+        raise DatasetError(_damaged(builder, "it has no splits"))
     if split not in available:
         raise ValueError(f"Dataset {builder.name!r} has no split {split!r}; available: {available}")
+    try:
+        return _read_records(builder, split, limit)
+    except (ValueError, OSError, RuntimeError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("limit must be"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DatasetError(_damaged(builder, f"reading its {split!r} split failed: {first}")) \
+            from None
+
+
+class DatasetError(RuntimeError):
+    """A prepared TFDS dataset folder that cannot be read."""
+
+
+def _damaged(builder, problem: str) -> str:
+    return (f"the TFDS dataset {builder.name!r} in {builder.data_dir} is damaged ({problem}), "
+            f"e.g. by a build that was stopped. Delete that folder (rm -rf "
+            f"{builder.data_dir}) and rerun: it is rebuilt from its source.")
+
+
+def _read_records(builder, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     source = builder.as_data_source(split=split)
     n = len(source)
     if limit is not None:

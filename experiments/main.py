@@ -95,12 +95,15 @@ def main(argv):
         with cli.short_errors(PROG):
             summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not orbax's and asyncio's tracebacks
-        step = getattr(e, "step", None)
+        step, saved = getattr(e, "step", None), getattr(e, "checkpoint", None)
         at = f" at step {step}" if step is not None else ""
-        print(f"{PROG}: interrupted{at}; rerun the same command to resume from the last "
-              "checkpoint.", file=sys.stderr, flush=True)
+        if saved:
+            then = (f"rerun the same command to resume from the checkpoint of step {saved}")
+        else:
+            then = "no checkpoint was saved yet: rerunning the same command starts over"
+        print(f"{PROG}: interrupted{at}; {then}.", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(130)  # skip the shutdown, where orbax/TensorStore threads can still be busy
+        os._exit(cli.EXIT_INTERRUPTED)  # skip the shutdown, where orbax/TensorStore threads can still be busy
     if jax.process_index() != 0:
         return
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import deq
 from experiments import data as data_lib
@@ -90,14 +91,39 @@ def _add(acc: dict, step, finite, metrics: dict) -> dict:
     }
 
 
-def make_train_step(task: Task):
+def _per_device(fn, mesh, in_specs, reductions: dict):
+    """``fn`` on each device's rows of the batch, its outputs reduced once at the end.
+
+    Data parallelism over ``mesh``'s ``"data"`` axis: every device solves its own samples and
+    stops when they have converged, so no collective runs inside the solver's loops (under
+    XLA's automatic partitioning, the batched stopping test and the weight gradients of the
+    loop bodies are reduced over the devices at every iteration). ``fn`` returns a dict;
+    ``reductions`` names each entry's collective (``"mean"``, ``"sum"``, ``"max"``, ``"all"``).
+    Without a mesh (one device), ``fn`` itself.
+    """
+    if mesh is None:
+        return fn
+    reduce = {"mean": jax.lax.pmean, "sum": jax.lax.psum, "max": jax.lax.pmax,
+              "all": lambda v, a: jax.lax.pmin(v.astype(jnp.int32), a).astype(jnp.bool_)}
+
+    def local(*args):
+        out = fn(*args)
+        return {k: jax.tree_util.tree_map(lambda v, r=reductions[k]: reduce[r](v, "data"), v)
+                for k, v in out.items()}
+
+    # check_vma=False: the solver's closure-converted cell (deq.fixed_point) mixes
+    # per-device and replicated operands, which JAX's varying-axes typing rejects; every
+    # output is reduced over the devices above, so it is replicated.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+
+
+def make_train_step(task: Task, mesh=None):
     """``train_step(params, opt_state, acc, rest, images, labels, base_key, step)`` ->
     ``(params, opt_state, acc)``; ``step`` is the 0-based global step (its random key is
-    ``fold_in(base_key, step)``)."""
+    ``fold_in(base_key, step)``). With a ``mesh``, each device computes the gradient of its
+    rows, and the gradients are averaged once (one all-reduce per step)."""
 
-    def train_step(params, opt_state, acc, rest, images, labels, base_key, step):
-        key = jax.random.fold_in(base_key, step)
-
+    def gradients(params, rest, images, labels, key):
         def loss_fn(params, probe):
             model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)
@@ -111,8 +137,29 @@ def make_train_step(task: Task):
         (_, (ce, jac, logits, stats)), (grads, probe_grad) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True
         )(params, probe)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(ce) & jnp.isfinite(jac) & jnp.isfinite(grad_norm)
+        bwd = deq.backward_stats(probe_grad)
+        return {
+            "grads": grads, "loss": ce, "jac_loss": jac,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            "fwd_steps": stats.num_steps, "fwd_rel_residual": stats.rel_residual,
+            "fwd_abs_residual": stats.abs_residual, "fwd_converged": stats.converged,
+            "bwd_steps": bwd.num_steps, "bwd_rel_residual": bwd.rel_residual,
+            "bwd_converged": bwd.converged,
+        }
+
+    gradients = _per_device(gradients, mesh, (P(), P(), P("data"), P("data"), P()), {
+        "grads": "mean", "loss": "mean", "jac_loss": "mean", "accuracy": "mean",
+        "fwd_steps": "max", "fwd_rel_residual": "max", "fwd_abs_residual": "max",
+        "fwd_converged": "all", "bwd_steps": "max", "bwd_rel_residual": "max",
+        "bwd_converged": "all"})
+
+    def train_step(params, opt_state, acc, rest, images, labels, base_key, step):
+        key = jax.random.fold_in(base_key, step)
+        metrics = gradients(params, rest, images, labels, key)
+        grads = metrics.pop("grads")
+        grad_norm = metrics["grad_norm"] = optax.tree.norm(grads)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["jac_loss"])
+                  & jnp.isfinite(grad_norm))
         # A non-finite step leaves the parameters and optimiser state as they were. With
         # on_nonfinite='stop', so do the steps after it in the same interval: the loop stops
         # at the end of the interval, naming the bad step, with the state from before it.
@@ -121,22 +168,16 @@ def make_train_step(task: Task):
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda n, o: jnp.where(apply, n, o), new, old)
-        bwd = deq.backward_stats(probe_grad)
-        metrics = {
-            "loss": ce, "jac_loss": jac, "grad_norm": grad_norm,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "fwd_steps": stats.num_steps, "fwd_rel_residual": stats.rel_residual,
-            "fwd_abs_residual": stats.abs_residual, "fwd_converged": stats.converged,
-            "bwd_steps": bwd.num_steps, "bwd_rel_residual": bwd.rel_residual,
-            "bwd_converged": bwd.converged,
-        }
         return (keep(new_params, params), keep(new_opt_state, opt_state),
                 _add(acc, step, finite, metrics))
 
     return train_step
 
 
-def make_eval_step(task: Task):
+def make_eval_step(task: Task, mesh=None):
+    """``eval_step(params, rest, images, labels, mask)`` -> sums and solver statistics of a
+    padded batch (with a ``mesh``, each device solves its own rows)."""
+
     def eval_step(params, rest, images, labels, mask):
         model = nnx.merge(task.eval_graphdef, params, rest, copy=True)
         logits, residual = model.with_residuals(images)
@@ -155,7 +196,10 @@ def make_eval_step(task: Task):
             "worst_residual": jnp.max(jnp.where(mask, residual, 0.0)),
         }
 
-    return eval_step
+    return _per_device(eval_step, mesh, (P(), P(), P("data"), P("data"), P("data")), {
+        "loss_sum": "sum", "correct": "sum", "count": "sum", "fwd_steps": "max",
+        "fwd_rel_residual": "max", "fwd_converged": "all", "at_equilibrium": "sum",
+        "worst_residual": "max"})
 
 
 def evaluate(eval_step, params, rest, split, batch_size, put_batch) -> dict:

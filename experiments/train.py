@@ -102,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with hold_workdir(workdir), at.deferring_interrupts():
             return _run(config, workdir, stop_after, (train, test), devices, built, at)
     except KeyboardInterrupt as e:
-        e.step = at.step
+        e.step, e.checkpoint = at.step, at.checkpoint
         raise
 
 
@@ -117,6 +117,7 @@ class Position:
     """
 
     step: int | None = None
+    checkpoint: int | None = None  # the step of the latest checkpoint, None before the first
     in_step: bool = False
     pending: bool = False
 
@@ -155,14 +156,23 @@ class Position:
 def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position):
     train, test = splits
     task, params, opt_state, rest, eval_rest = built
+    # Checked again under the lock: a run started at the same time may have stored its config.
+    check_stored_config(config, workdir)
     store_config(config, workdir)
     ckpt = Checkpoints(workdir, config.train.keep_checkpoints, devices)
     step, params, opt_state, progress = ckpt.restore(params, opt_state)
+    total = data_lib.steps_per_epoch(train, config.train.batch_size) * config.train.num_epochs
+    if step > total:
+        raise CheckpointError(
+            f"the latest checkpoint in {ckpt.dir} is of step {step}, beyond this config's "
+            f"{total} training steps: it belongs to another run. Use a new --workdir, or "
+            "delete the checkpoints.")
     at.step = step
+    at.checkpoint = step or None
     writer = MetricsWriter(workdir / "metrics.jsonl", step)
     train_step, run_info = compile_train_step(config, task, params, opt_state, rest, train,
                                               devices, workdir)
-    jitted_eval_step = jax.jit(steps.make_eval_step(task))
+    jitted_eval_step = jax.jit(steps.make_eval_step(task, devices.mesh))
     eval_step = lambda *args: at.call(jitted_eval_step, *args)  # noqa: E731
 
     start_step, per_epoch = step, run_info["steps_per_epoch"]
@@ -191,10 +201,12 @@ def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position
                 acc = devices.new_metrics()
             if checkpoint:
                 ckpt.save(step, params, opt_state, log.epoch_state())
+                at.checkpoint = step
         ev = steps.evaluate(eval_step, params, eval_rest, test, config.train.eval_batch_size,
                             devices.put)
         log.end_epoch(step, ev)
         ckpt.save(step, params, opt_state, EpochStats(epoch + 1).state(0.0), force=True)
+        at.checkpoint = step
     ckpt.close()
     writer.close()
     if jax.process_count() > 1:  # process 0 has written every record: all read them
@@ -255,7 +267,8 @@ def load_data(config):
 class Devices:
     """Data parallelism: batches split over all devices, everything else replicated.
 
-    Auto axes: XLA propagates the batch sharding through the solver; the core stays
+    With more than one device the steps run per device (``steps._per_device``): each device
+    solves its own rows and the gradients are averaged once; the core stays
     sharding-agnostic.
     """
 
@@ -270,6 +283,8 @@ class Devices:
         mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.batch = NamedSharding(mesh, P("data"))
         self.replicated = NamedSharding(mesh, P())
+        # The steps run per device (shard_map) where there is more than one.
+        self.mesh = mesh if n > 1 else None
 
     def put(self, *arrays):
         """Global batches (this process's rows of them) as arrays sharded over the devices."""
@@ -332,7 +347,8 @@ def compile_train_step(config, task, params, opt_state, rest, train, devices, wo
     (also written to ``workdir/run_info.json``)."""
     bs = config.train.batch_size
     t0 = time.perf_counter()
-    compiled = jax.jit(steps.make_train_step(task), donate_argnums=(0, 1, 2)).lower(
+    compiled = jax.jit(steps.make_train_step(task, devices.mesh),
+                       donate_argnums=(0, 1, 2)).lower(
         params, opt_state, devices.new_metrics(), rest,
         *devices.put(train.images[:bs], train.labels[:bs]), jax.random.PRNGKey(config.seed),
         np.int32(0)).compile()

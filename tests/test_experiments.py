@@ -186,7 +186,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_and_ctrl_c_is_one_line(tmp_
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if "Warning" not in ln and "callback(" not in ln]
     assert len(lines) == 1 and lines[0].startswith("deq-train: interrupted at step "), err
-    assert "rerun the same command to resume from the last checkpoint" in err
+    assert "rerun the same command to resume from the checkpoint of step " in err
     # The lock went with the process: the same workdir resumes.
     config = smoke_config(tfds_dir, **{"train.num_epochs": 400, "train.checkpoint_every": 3})
     assert train.train_and_evaluate(config, workdir, stop_after=1) is None

@@ -301,3 +301,15 @@ def test_int_options_take_numpy_ints_and_reject_floats_and_bools(api):
         make(eval_solver=deq.ImplicitAdjoint())
     with pytest.raises(TypeError, match="batched must be True or False"):
         make(batched=1)
+    with pytest.raises(ValueError, match="DEQ: precision must be None, 'default'"):
+        make(precision="bogus")
+    with pytest.raises(ValueError, match="max_steps=2147483648 is more steps"):
+        make(max_steps=2**31)
+    make(precision=jax.lax.Precision.HIGHEST)  # JAX's enum is accepted too
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_z_init_of_the_wrong_shape_is_named(api):
+    layer, x, _ = api.mlp(z_init=lambda x: jnp.zeros((x.shape[0], 7)))
+    with pytest.raises(ValueError, match=r"z0 of shape \(2, 7\) \(z_init=<function"):
+        api.forward(layer, x)
