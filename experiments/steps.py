@@ -104,12 +104,25 @@ def _per_device(fn, mesh, in_specs, reductions: dict):
     if mesh is None:
         return fn
     reduce = {"mean": jax.lax.pmean, "sum": jax.lax.psum, "max": jax.lax.pmax,
-              "all": lambda v, a: jax.lax.pmin(v.astype(jnp.int32), a).astype(jnp.bool_)}
+              "all": jax.lax.pmin}
 
     def local(*args):
         out = fn(*args)
-        return {k: jax.tree_util.tree_map(lambda v, r=reductions[k]: reduce[r](v, "data"), v)
-                for k, v in out.items()}
+        # One collective per kind of reduction, on all its values at once: across processes
+        # each collective is a round trip, whatever its size.
+        reduced = {}
+        for kind in dict.fromkeys(reductions.values()):
+            group = {k: v for k, v in out.items() if reductions[k] == kind}
+            leaves, treedef = jax.tree_util.tree_flatten(group)
+            dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+            flat = jnp.concatenate([jnp.ravel(v).astype(dtype) for v in leaves])
+            flat = reduce[kind](flat, "data")
+            parts, start = [], 0
+            for v in leaves:
+                parts.append(flat[start:start + v.size].reshape(v.shape).astype(v.dtype))
+                start += v.size
+            reduced.update(jax.tree_util.tree_unflatten(treedef, parts))
+        return reduced
 
     # check_vma=False: the solver's closure-converted cell (deq.fixed_point) mixes
     # per-device and replicated operands, which JAX's varying-axes typing rejects; every
