@@ -763,6 +763,37 @@ def _bench_stabiliser_lines(results: Path, stale: dict) -> list[str]:
             f"{_prov_line(prov, stale.get('bench_stabiliser'), '')}): " + "; ".join(parts) + "."]
 
 
+def _bench_distributed_lines(results: Path, stale: dict) -> list[str]:
+    res = _load(results / "bench_distributed" / "bench_distributed.json")
+    prov = _load(results / "bench_distributed" / "provenance.json")
+    if res is None or prov is None:
+        return []
+    before = _load(results / "bench_distributed" / "before" / "bench_distributed.json")
+
+    def ratios(rows, variant):
+        base = {r["config"]: r["median_step_time"] for r in rows if r["variant"] == VARIANT_1}
+        return ", ".join(f"{r['config'].split('_')[-1]} {r['median_step_time'] / base[r['config']]:.2f}x"
+                         for r in rows if r["variant"] == variant)
+
+    parts = []
+    for variant in ("2 processes", "8 CPU devices"):
+        text = f"{variant}: {ratios(res['rows'], variant)}"
+        if before is not None:
+            text += (f" (before per-device steps, commit {before['meta']['commit'][:7]}: "
+                     f"{ratios(before['rows'], variant)})")
+        parts.append(text)
+    same = all(len({round(r["test_accuracy"], 6) for r in res["rows"] if r["config"] == c}) == 1
+               for c in {r["config"] for r in res["rows"]})
+    return [f"- **Data parallelism on one machine** (digits, {res['meta']['epochs']} epochs of "
+            f"batch 64, the training step against one process; "
+            f"[table](experiments/results/bench_distributed/bench_distributed.md); "
+            f"{_prov_line(prov, stale.get('bench_distributed'), '')}): " + "; ".join(parts)
+            + (". Test accuracy identical in every variant." if same else ".")]
+
+
+VARIANT_1 = "1 process"
+
+
 def readme_block(results: Path = RESULTS) -> str:
     """The README's results summary, generated from the result files (never hand-copied)."""
     stale = stale_sets(results)
@@ -771,6 +802,7 @@ def readme_block(results: Path = RESULTS) -> str:
           for line in _seeds_lines(name, title, results, stale)),
         *_bench_flax_example_lines(results, stale),
         *_bench_stabiliser_lines(results, stale),
+        *_bench_distributed_lines(results, stale),
         *_bench_core_lines(results, stale),
         *_bench_derivatives_lines(results, stale),
         *_bench_eager_lines(results, stale),
