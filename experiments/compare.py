@@ -1,6 +1,6 @@
 """Compare training runs: a markdown table and PNG plots from several workdirs.
 
-Usage::
+usage:
 
   # run (or resume) each config into <workdir>/<config name>, then compare them
   deq-compare --configs configs/digits_deq.py,configs/digits_unrolled.py --workdir runs/digits
@@ -12,8 +12,8 @@ Usage::
   deq-compare --configs configs/digits_deq.py,configs/digits_unrolled.py --workdir runs/d2 \\
       --config.train.num_epochs=2
 
-Writes ``comparison.md`` (also printed), ``comparison.json`` and ``*.png`` into ``--out``
-(default ``<workdir>/compare``).
+Writes comparison.md (also printed), comparison.json and *.png into --out (default
+<workdir>/compare).
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from pathlib import Path
 from experiments import cli
 
 PROG = "deq-compare"
-cli.require_experiments_extra(PROG)  # before the imports below, which need it
-
-from experiments.train import read_metrics  # noqa: E402
+cli.require_experiments_extra(PROG)
 
 
 def _fmt_bytes(n):
@@ -94,7 +92,10 @@ def markdown_table(summaries: list[dict]) -> str:
 
 
 def plot(workdirs: list[Path], summaries: list[dict], out: Path) -> list[Path]:
+    # Imported here, not at the top: --help stays instant (they load JAX and matplotlib).
     import matplotlib
+
+    from experiments.metrics import read_metrics
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -634,6 +634,21 @@ def test_help_lists_the_config_fields_and_exits_0():
         assert text in proc.stdout, text
     compare_help = _cli("--help", module="experiments.compare")
     assert compare_help.returncode == 0 and "--config.<field>=<value>" in compare_help.stdout
+    # Plain text, not reStructuredText markup.
+    for out in (proc.stdout, compare_help.stdout):
+        assert "``" not in out and "::" not in out, out
+
+
+@pytest.mark.parametrize("module", ["experiments.main", "experiments.compare"])
+def test_help_is_instant_it_loads_neither_jax_nor_the_data(module):
+    code = (f"import sys, runpy; sys.argv = ['x', '--help']\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\n"
+            f"heavy = [m for m in ('jax', 'tensorflow_datasets', 'matplotlib') if m in sys.modules]\n"
+            f"print('heavy', heavy, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert "heavy []" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("module,args,needles", [
