@@ -15,9 +15,9 @@ from deq._fixed_point import fixed_point
 from deq._linear_solve import GMRES
 from deq._solution import (
     RESULTS,
+    TRACE_CAP,
     BackwardStats,
     Solution,
-    TRACE_CAP,
     SolverStats,
     backward_stats,
     backward_stats_probe,

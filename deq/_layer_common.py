@@ -1,5 +1,5 @@
 """What the NNX and Linen DEQ layers share: option checks, the starting point, the solve (compiled
-once per static configuration), the Jacobian penalty, the warning about training solves that
+once per static configuration), the warning about training solves that
 keep failing, and the messages that reject stateful layers inside a cell.
 
 Both layers reduce a call to :func:`forward` with a hashable *cell adapter* ``cell`` that
@@ -27,14 +27,16 @@ from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats, trace_size
 from deq._solvers import Anderson, Broyden, ForwardSolver
+from deq._stateful import StatefulCellError
 from deq._validate import (
     check_bool,
     check_float,
     check_int,
     check_max_steps,
     check_precision,
+    is_hashable,
 )
-from deq.regularization import AdaptiveWeight, jacobian_regularization
+from deq.regularization import AdaptiveWeight
 
 # The layers' forward budget, below deq.fixed_point's 50: a layer's solve runs on every
 # training step, where the implicit gradient needs only an approximate fixed point, and
@@ -47,43 +49,6 @@ DEFAULT_JAC_REG_SAMPLES = 1
 DEFAULT_JAC_REG_BATCH = 32
 DEFAULT_JAC_REG_WEIGHT = "auto"
 DEFAULT_WARN_UNCONVERGED_AFTER = 20
-
-# Why each kind of stateful layer cannot live inside a fixed-point map, and what to use instead.
-_BATCHNORM = (
-    "it normalises with statistics of the current batch and updates running statistics on "
-    "every call, i.e. on every solver iteration; it also couples the samples of a batch, "
-    "while the batched solve treats them as independent. Use GroupNorm or LayerNorm inside "
-    "the cell (and weight normalisation on its linear maps/convolutions), or put BatchNorm "
-    "outside the DEQ layer."
-)
-_DROPOUT = (
-    "it would draw a new mask on every solver iteration, so the map changes from step to step "
-    "and has no fixed point. Apply dropout outside the DEQ layer (to its input or output)."
-)
-_SPECTRALNORM = (
-    "it runs and stores a power iteration on every call, i.e. on every solver iteration. Use "
-    "weight normalisation instead (deq.cells: weight_norm=True), or normalise the weights "
-    "once outside the solve."
-)
-_RNG = (
-    "it draws random numbers on every call, so the map changes from step to step and has no "
-    "fixed point. Keep randomness outside the DEQ layer."
-)
-_MUTABLE = (
-    "a variable that the cell updates would be updated on every solver iteration, with "
-    "values of iterates that are not the fixed point (and the solve cannot keep the "
-    "updates). Keep only parameters in the cell: use GroupNorm or LayerNorm instead of "
-    "BatchNorm and weight normalisation instead of spectral norm; keep counters and running "
-    "statistics outside the DEQ layer."
-)
-REASONS = {
-    "BatchNorm": _BATCHNORM,
-    "Dropout": _DROPOUT,
-    "SpectralNorm": _SPECTRALNORM,
-    "rng": _RNG,
-    "mutable": _MUTABLE,
-}
-
 
 # The options both layers (deq.nnx.DEQ, deq.linen.DEQ) document, at "{layer_options}".
 LAYER_OPTIONS_DOC = """\
@@ -199,18 +164,6 @@ class LayerStats(NamedTuple):
             f"rel={float(self.rel_residual):.3e} result={RESULTS.describe(self.result)} "
             f"converged={100 * float(self.converged_fraction):.1f}%"
         )
-
-
-class StatefulCellError(ValueError):
-    """A cell holds or uses state that changes on each call (see :func:`stateful_error`)."""
-
-
-def stateful_error(layer: str, what: str, where: str, reason: str) -> StatefulCellError:
-    """The error raised when a cell holds a layer with state that changes on each call."""
-    return StatefulCellError(
-        f"{layer}: the cell contains {what} at {where!r}, which cannot be used inside a "
-        f"fixed-point solve: {REASONS[reason]}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,14 +394,6 @@ def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any):
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
 
 
-def _hashable(*objs) -> bool:
-    try:
-        hash(objs)
-    except TypeError:
-        return False
-    return True
-
-
 def forward(cell: Any, options: CallOptions, state: Any, x: Any,
             probe: jax.Array | None) -> tuple[Any, LayerStats]:
     """The layer's fixed point ``z*`` of ``x`` and the :class:`LayerStats` of its solve.
@@ -458,111 +403,9 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     When the adapter and options hash (the usual case), the pass runs in a ``jax.jit`` keyed
     on them: eager calls reuse its compilation, traced calls inline it.
     """
-    if _hashable(cell, options):
+    if is_hashable(cell, options):
         return _forward_jit(cell, options, state, x, probe)
     return _forward(cell, options, state, x, probe)
-
-
-def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight: Any,
-                      max_steps: int, z, state, x, key, num_steps):
-    """The weighted penalty ``w R`` and its gradient in ``(state, x)``, the fixed point held
-    constant; zeros, and no work, when the weight is 0."""
-    fn = lambda z, args: cell(args[0], z, args[1])
-    zc = jax.lax.stop_gradient(z)
-    if sub_batch is not None:
-        zc = jax.tree_util.tree_map(lambda a: a[:sub_batch], zc)
-    empty = jax.tree_util.tree_leaves(zc)[0].shape[:1] == (0,)
-
-    def value(state, x):
-        xs = x if sub_batch is None else x[:sub_batch]
-        return jacobian_regularization(fn, zc, (state, xs), key, num_samples).astype(jnp.float32)
-
-    def off(state, x):
-        zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
-        return jnp.zeros((), jnp.float32), (zeros(state), zeros(x))
-
-    def on(w):
-        def run(state, x):
-            v, grads = jax.value_and_grad(value, argnums=(0, 1))(state, x)
-            return w * v, jax.tree_util.tree_map(lambda g: (w * g).astype(g.dtype), grads)
-        return run
-
-    if empty:  # an empty batch: nothing to penalise
-        return off(state, x)
-    if not isinstance(weight, AdaptiveWeight):
-        return off(state, x) if weight == 0 else on(jnp.float32(weight))(state, x)
-    w = weight(num_steps, max_steps)
-    # No penalty, and no work, while the solves stay within the weight's target.
-    return jax.lax.cond(w > 0, on(w), off, state, x)
-
-
-_penalty_gradient_jit = jax.jit(_penalty_gradient, static_argnums=(0, 1, 2, 3, 4))
-
-
-@jax.custom_vjp
-def _attach(z, state, x, grads):
-    """``z`` unchanged; its VJP adds the precomputed ``grads`` to the cotangents of
-    ``(state, x)``: the penalty enters the gradient of whatever loss uses ``z``."""
-    return z
-
-
-def _attach_fwd(z, state, x, grads):
-    return z, grads
-
-
-def _attach_bwd(grads, g):
-    return (g, *grads, None)
-
-
-_attach.defvjp(_attach_fwd, _attach_bwd)
-
-
-def stabilise(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
-              key: jax.Array, stats: LayerStats):
-    """Apply the Jacobian penalty (Bai et al., 2021) through the gradient: returns ``(z, wR)``
-    where ``z`` is unchanged in value and reverse-mode differentiation of anything computed
-    from it adds ``w dR/d(state, x)`` to the gradient -- as if ``w R`` had been added to the
-    loss, once per backward pass, with no change to the user's loss. Forward-mode transforms
-    see ``z`` without it. ``R`` is
-    :func:`jacobian_regularization` at the fixed point (held constant) with
-    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a per-sample
-    mean, so still unbiased; its second-order pass -- the costly part -- shrinks with the
-    batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function of
-    ``stats.num_steps`` (0: nothing computed). ``wR`` (float32, no gradient) is for logging.
-    """
-    sub = options.jac_reg_batch if options.batched else None  # unbatched: no batch to subsample
-    weight = jac_reg_weight(options)
-    if isinstance(weight, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
-        # A fixed number of unrolled steps always "spends its budget": convergence is not
-        # its contract, so the adaptive weight has nothing to go by.
-        weight = 0.0
-    args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub), weight,
-            int(options.max_steps))
-    run = _penalty_gradient_jit if _hashable(*args) else _penalty_gradient
-    value, grads = run(*args, z, state, x, key, stats.num_steps)
-    grads = jax.lax.stop_gradient(grads)
-    try:
-        z = _attach(z, state, x, grads)
-    except TypeError as e:
-        # Forward mode (jvp, jacfwd, the outer pass of hessian) cannot go through a custom
-        # VJP: it sees the layer without the stabiliser, which changes no value and only
-        # ever adds to reverse-mode gradients.
-        if "forward-mode" not in str(e):
-            raise
-    return z, jax.lax.stop_gradient(value)
-
-
-def input_key(x: jax.Array) -> jax.Array:
-    """A PRNG key for the penalty's probes derived from the call's input, when no random
-    stream is given: it changes from batch to batch, and the layer keeps no random state."""
-    total = jnp.sum(jnp.abs(x)).astype(jnp.float32)
-    return jax.random.fold_in(jax.random.key(0), jax.lax.bitcast_convert_type(total, jnp.int32))
-
-
-def jac_reg_weight(options: Any) -> float | AdaptiveWeight:
-    """``jac_reg_weight`` as a float or an :class:`AdaptiveWeight` (``"auto"``)."""
-    w = options.jac_reg_weight
-    return AdaptiveWeight() if isinstance(w, str) else w
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,6 +177,15 @@ def check_precision(owner, value, field: str = "precision") -> str | None:
     return value
 
 
+def is_hashable(*objs) -> bool:
+    """Whether ``objs`` can be static arguments of ``jax.jit`` (a cache key)."""
+    try:
+        hash(objs)
+    except TypeError:
+        return False
+    return True
+
+
 def set_field(obj, field: str, value) -> None:
     """Store a normalised value on a frozen dataclass (from its ``__post_init__``)."""
     object.__setattr__(obj, field, value)

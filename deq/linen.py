@@ -12,6 +12,7 @@ import jax
 from flax.errors import InvalidRngError
 
 from deq import _layer_common as common
+from deq import _stabiliser, _stateful
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
@@ -39,7 +40,7 @@ def _reject_stateful(next_fun, args, kwargs, context):
     random numbers drawn by the cell (``make_rng``; the innermost calling module is named)."""
     for cls, reason in _STATEFUL:
         if isinstance(context.module, cls):
-            raise common.stateful_error(
+            raise _stateful.stateful_error(
                 _NAME, f"nn.{cls.__name__}", _module_path(context.module), reason
             )
     try:
@@ -47,7 +48,7 @@ def _reject_stateful(next_fun, args, kwargs, context):
     except InvalidRngError as e:
         stream = re.search(r'PRNG for "([^"]*)"', str(e))
         what = f"a call of make_rng({stream.group(1)!r})" if stream else "a call of make_rng"
-        raise common.stateful_error(_NAME, what, _module_path(context.module), "rng") from e
+        raise _stateful.stateful_error(_NAME, what, _module_path(context.module), "rng") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +212,7 @@ class DEQ(nn.Module):
         for col in variables:
             if col != "params":
                 where = "/".join((*cell.path, next(iter(variables[col]), "")))
-                raise common.stateful_error(
+                raise _stateful.stateful_error(
                     _NAME, f"a {col!r} variable collection", f"{col}: {where}", "mutable"
                 )
         params = variables.get("params", {})
@@ -222,7 +223,7 @@ class DEQ(nn.Module):
         z, stats = common.forward(pure, options, params, x, probe)
         self.sow("intermediates", "deq_stats", stats)
         if self.jac_reg_samples and not deterministic and not self.is_initializing():
-            z, penalty = common.stabilise(pure, self, z, params, x, self._probe_key(x),
+            z, penalty = _stabiliser.stabilise(pure, self, z, params, x, self._probe_key(x),
                                           stats)
             if self.is_mutable_collection("losses"):
                 self.sow("losses", "jac_reg", penalty)
@@ -231,7 +232,7 @@ class DEQ(nn.Module):
     def _probe_key(self, x) -> jax.Array:
         """The penalty's probes: the ``"jac_reg"`` rng stream if the call has one, else a key
         derived from the input (so that they vary from batch to batch)."""
-        return self.make_rng("jac_reg") if self.has_rng("jac_reg") else common.input_key(x)
+        return self.make_rng("jac_reg") if self.has_rng("jac_reg") else _stabiliser.input_key(x)
 
 
 __all__ = ["DEQ", "LayerStats", "UnconvergedWarning"]

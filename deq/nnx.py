@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deq import _layer_common as common
+from deq import _stabiliser, _stateful
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
@@ -71,10 +72,10 @@ def _check_unchanged(cell: nnx.Module, before: dict) -> None:
         where = "/".join(map(str, path))
         kind = type(var).__name__
         if path not in before:
-            raise common.stateful_error(_NAME, f"a {kind} variable created by its call",
+            raise _stateful.stateful_error(_NAME, f"a {kind} variable created by its call",
                                         where, "mutable")
         if var.get_value() is not before[path]:
-            raise common.stateful_error(_NAME, f"a {kind} variable that its call updates",
+            raise _stateful.stateful_error(_NAME, f"a {kind} variable that its call updates",
                                         where, "mutable")
 
 
@@ -272,7 +273,7 @@ class DEQ(nnx.Module):
     def _check_cell(cell: nnx.Module) -> None:
         bad = _offending(cell)
         if bad is not None:
-            raise common.stateful_error(_NAME, *bad)
+            raise _stateful.stateful_error(_NAME, *bad)
 
     def __call__(
         self,
@@ -302,13 +303,13 @@ class DEQ(nnx.Module):
         # Only where it can be stored (see _record): drawing its key updates the layer's
         # random stream, which a foreign trace must not do either.
         if self.jac_reg_samples and not self.deterministic and self.jac_loss._can_update:
-            z, penalty = common.stabilise(cell, self, z, state, x, self._key(rngs, x), stats)
+            z, penalty = _stabiliser.stabilise(cell, self, z, state, x, self._key(rngs, x), stats)
         _record(self.jac_loss, penalty)
         return z
 
     def _key(self, rngs, x) -> jax.Array:
         if rngs is None:
-            return common.input_key(x) if self.rngs is None else self.rngs()
+            return _stabiliser.input_key(x) if self.rngs is None else self.rngs()
         if isinstance(rngs, nnx.Rngs):
             return rngs["jac_reg"]()
         return rngs

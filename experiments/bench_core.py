@@ -32,7 +32,7 @@ import numpy as np
 import deq
 from deq.cells import conv2d_same
 from experiments.models import make_solver
-from experiments.reproduce import provenance
+from experiments.provenance import provenance
 
 RTOL, TARGET_STEPS = 1e-4, 30  # tolerance; plain-iteration steps the kernel scale is set to
 DAMPING, HISTORY = 0.5, 5  # of the damped iteration; Anderson's history (deq and jaxopt)

@@ -43,7 +43,7 @@ from experiments.bench_core import (
     solver,
     time_interleaved,
 )
-from experiments.reproduce import provenance
+from experiments.provenance import provenance
 
 DEFAULTS = dict(batch=32, channels=16, size=28, repeats=5, max_steps=100, unroll=(16, 32, 64))
 QUICK = dict(DEFAULTS, batch=2, channels=4, size=8, repeats=2, unroll=(8, 16))

@@ -3,9 +3,10 @@ multi-process runtime, CPU collectives over gloo), and 1 against 8 forced CPU de
 process.
 
 Each variant trains the digits configs (DEQ and unrolled) for ``--epochs`` epochs (22 steps
-each) of the same global batch with ``deq-train``, started as a user would (``--distributed`` with an explicit
-coordinator for the two processes), and reports the median training-step time and the final
-test accuracy. ``--root DIR`` runs another checkout (e.g. an older commit, for a before/after).
+each) of the same global batch with ``deq-train``, started as a user would
+(``--distributed`` with an explicit coordinator for the two processes), and reports the
+median training-step time and the final test accuracy. ``--root DIR`` runs another checkout
+(e.g. an older commit, for a before/after).
 
 Usage::
 
@@ -97,7 +98,7 @@ def main(argv=None) -> list[dict]:
     workdir = Path(a.workdir).resolve()
     rows = [run_variant(root, c, v, a.epochs, workdir) for c in CONFIGS for v in VARIANTS]
 
-    from experiments.reproduce import machine, machine_name, provenance
+    from experiments.provenance import machine, machine_name, provenance
 
     prov = provenance(["python", "-m", "experiments.bench_distributed",
                        *(sys.argv[1:] if argv is None else argv)])

@@ -31,7 +31,7 @@ import deq.linen
 import deq.nnx
 from deq.cells import linen as linen_cells
 from deq.cells import nnx as nnx_cells
-from experiments.reproduce import provenance
+from experiments.provenance import provenance
 from experiments.train import machine_description
 
 DEFAULTS = dict(batch=32, size=14, channels=8, max_steps=20, repeats=15)

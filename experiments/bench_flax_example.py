@@ -289,7 +289,7 @@ def main(argv=None):
     if not isinstance(layer_kwargs, dict) or not set(variants) <= set(VARIANTS):
         p.error(f"--layer-kwargs must be a JSON dict and --variants a subset of {VARIANTS}")
     from experiments.bench_own_cell import load_data
-    from experiments.reproduce import provenance
+    from experiments.provenance import provenance
     from experiments.train import machine_description
     limit_train = min(60000, max(4096, args.batch * args.steps))
     data_name, train, test = load_data(args.data_dir, limit_train, args.eval_images)

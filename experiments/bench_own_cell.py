@@ -227,7 +227,7 @@ def main(argv=None):
     p.add_argument("--out", default="experiments/results/bench_own_cell")
     args = p.parse_args(argv)
 
-    from experiments.reproduce import provenance
+    from experiments.provenance import provenance
     from experiments.train import machine_description
 
     data_name, train, test = load_data(args.data_dir, max(4096, args.batch * args.steps),

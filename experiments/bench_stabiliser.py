@@ -34,7 +34,7 @@ FIELDS = ("test_fwd_steps", "train_fwd_steps", "test_accuracy", "median_step_tim
 
 
 def _run(config: str, steps: int, seed: int, variant: str, a) -> dict:
-    from experiments.reproduce import _train
+    from experiments.seeds import _train
 
     overrides = [f"data.limit_train={steps * 128}", "train.batch_size=128",
                  "train.num_epochs=1", "optim.warmup_steps=50", f"data.dir={a.mnist_dir}",
@@ -121,7 +121,7 @@ def main(argv=None) -> list[dict]:
         ap.exit(2, "bench_stabiliser: needs MNIST: pass --mnist-dir DIR (the IDX files) or "
                    "set DEQ_MNIST_DIR.\n")
 
-    from experiments.reproduce import machine, machine_name, provenance
+    from experiments.provenance import machine, machine_name, provenance
 
     rows = []
     for config in a.configs.split(","):

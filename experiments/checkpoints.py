@@ -32,13 +32,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored, or whose content is not what was saved."""
 
 
 # ------------------------------------------------------------------------------------------

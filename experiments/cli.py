@@ -22,14 +22,17 @@ import sys
 import warnings
 from pathlib import Path
 
+from experiments.errors import (
+    REPORTED,
+    ConfigError,
+    RunFileError,
+    exit_status,
+)
+
 OVERRIDE_HELP = (
     "Override any config field with --config.<field>=<value> (repeatable), e.g.\n"
     "  --config.train.num_epochs=3 --config.solver.name=broyden --config.model.norm=false"
 )
-
-
-class ConfigError(ValueError):
-    """A bad command line or config: missing config file, unknown field, bad value."""
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
@@ -238,27 +241,6 @@ def fail(prog: str, message: str, code: int = 2, *, hard: bool = False):
     sys.exit(code)
 
 
-def _errors():
-    """(errors we raise with a complete message, other errors a user may still act on)."""
-    from experiments.checkpoints import CheckpointError
-    from experiments.data import DatasetError
-    from experiments.train import NonFiniteError, WorkdirInUseError
-
-    return (ConfigError, FileNotFoundError, NotADirectoryError, CheckpointError,
-            NonFiniteError, WorkdirInUseError, DatasetError, RunFileError), (ValueError,)
-
-
-# Exit statuses of both CLIs.
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# Errors of what the user asked for (a bad flag, config field, data folder or run folder):
-# EXIT_USAGE. Any other error of a run: EXIT_FAILED.
-USAGE_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError)
-
-
-class RunFileError(RuntimeError):
-    """A file of a run's workdir (config.json, summary.json) that cannot be read."""
-
-
 def read_run_json(path, role: str):
     """The JSON in ``path``, a file of a run's workdir; a file that does not parse raises
     RunFileError naming it, what it holds and the way out."""
@@ -276,15 +258,14 @@ def read_run_json(path, role: str):
 def short_errors(prog: str):
     """Turn the errors a user can act on into one short paragraph: exit status 2 for a bad
     config, 1 for a failed run. ``DEQ_TRACEBACK=1`` re-raises them instead."""
-    ours, others = _errors()
     try:
         yield
-    except ours + others as e:
+    except (*REPORTED, ValueError) as e:  # ValueError: others a user may still act on
         if os.environ.get("DEQ_TRACEBACK"):
             raise
-        hint = "" if isinstance(e, ours) else " (set DEQ_TRACEBACK=1 to see where it was raised)"
-        code = EXIT_USAGE if isinstance(e, USAGE_ERRORS) else EXIT_FAILED
-        fail(prog, f"{e}{hint}", code=code, hard=True)
+        hint = ("" if isinstance(e, REPORTED)
+                else " (set DEQ_TRACEBACK=1 to see where it was raised)")
+        fail(prog, f"{e}{hint}", code=exit_status(e), hard=True)
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -54,6 +54,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from experiments.datasets import MnistIdx, SklearnDigits, find_mnist_files
+from experiments.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +259,6 @@ def read_split(
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DatasetError(_damaged(builder, f"reading its {split!r} split failed: {first}")) \
             from None
-
-
-class DatasetError(RuntimeError):
-    """A prepared TFDS dataset folder that cannot be read."""
 
 
 def _damaged(builder, problem: str) -> str:

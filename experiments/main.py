@@ -24,6 +24,7 @@ import os
 import sys
 
 from experiments import cli
+from experiments.errors import EXIT_INTERRUPTED
 
 PROG = "deq-train"
 cli.require_experiments_extra(PROG)  # before the imports below, which need it
@@ -103,7 +104,8 @@ def main(argv):
             then = "no checkpoint was saved yet: rerunning the same command starts over"
         print(f"{PROG}: interrupted{at}; {then}.", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(cli.EXIT_INTERRUPTED)  # skip the shutdown, where orbax/TensorStore threads can still be busy
+        # Skip the shutdown, where orbax/TensorStore threads can still be busy.
+        os._exit(EXIT_INTERRUPTED)
     if jax.process_index() != 0:
         return
     print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f} after "

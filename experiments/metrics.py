@@ -11,13 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments.errors import NonFiniteError
+from experiments.provenance import machine, machine_name
 from experiments.steps import BAD_VALUES, METRICS
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient (``train.on_nonfinite='stop'``)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,11 +260,9 @@ def epoch_line(r: dict, num_epochs: int) -> str:
 
 
 def machine_description() -> str:
-    """The machine in one line, as the result sets name it (``reproduce.machine_name``), with
+    """The machine in one line, as the result sets name it (``provenance.machine_name``), with
     the number of JAX devices."""
-    from experiments import reproduce
-
-    return f"{reproduce.machine_name(reproduce.machine())}, {jax.device_count()} JAX device(s)"
+    return f"{machine_name(machine())}, {jax.device_count()} JAX device(s)"
 
 
 def run_info(config, compiled, compile_seconds: float, num_params: int,

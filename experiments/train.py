@@ -42,9 +42,8 @@ from experiments import checkpoints as ckpt_lib
 from experiments import data as data_lib
 from experiments import metrics as metrics_lib
 from experiments import models, steps
-from experiments.checkpoints import CheckpointError
-from experiments.cli import ConfigError
 from experiments.configuration import check_stored_config, store_config, validate_config
+from experiments.errors import CheckpointError, ConfigError, WorkdirInUseError
 from experiments.metrics import (
     EpochLog,
     EpochStats,
@@ -212,10 +211,6 @@ def _run(config, workdir: Path, stop_after, splits, devices, built, at: Position
     if jax.process_count() > 1:  # process 0 has written every record: all read them
         multihost_utils.sync_global_devices("deq-train: run records written")
     return metrics_lib.summary(run_info, workdir, step)
-
-
-class WorkdirInUseError(RuntimeError):
-    """Another run holds the workdir."""
 
 
 @contextlib.contextmanager

@@ -149,7 +149,7 @@ def test_conv2d_same_custom_vjp_matches_lax_conv():
     """The CPU-friendly VJP of the cells' convolution gives JAX's own gradients."""
     from jax.test_util import check_grads
 
-    from deq.cells._functional import _conv_nhwc, conv2d_same
+    from deq.cells._conv import _conv_nhwc, conv2d_same
 
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 3))

@@ -644,7 +644,8 @@ def test_help_is_instant_it_loads_neither_jax_nor_the_data(module):
     code = (f"import sys, runpy; sys.argv = ['x', '--help']\n"
             f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
             f"except SystemExit:\n    pass\n"
-            f"heavy = [m for m in ('jax', 'tensorflow_datasets', 'matplotlib') if m in sys.modules]\n"
+            f"heavy = [m for m in ('jax', 'tensorflow_datasets', 'matplotlib')\n"
+            f"         if m in sys.modules]\n"
             f"print('heavy', heavy, file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
@@ -758,7 +759,7 @@ def test_config_files_load_without_an_installed_configs_package(tmp_path):
 
 
 def test_machine_description_names_the_machine_as_the_result_sets_do():
-    from experiments import reproduce
+    from experiments import provenance as reproduce
 
     described = train.machine_description()
     assert described == (f"{reproduce.machine_name(reproduce.machine())}, "

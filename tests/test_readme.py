@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import reproduce
+from experiments import readme_results as reproduce
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

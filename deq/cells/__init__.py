@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx as _nnx
 
 from deq.cells import linen, nnx
-from deq.cells._functional import conv2d_same, conv_same, fast_conv_general_dilated
+from deq.cells._conv import conv2d_same, conv_same, fast_conv_general_dilated
 
 
 def to_linen_params(module: _nnx.Module) -> dict:

@@ -1,0 +1,116 @@
+"""The layers' stabiliser: the Jacobian penalty (Bai et al., 2021) applied through the gradient
+of the layer's output (:func:`stabilise`), with a fixed or an adaptive weight, and the probe
+key derived from the call's input when no random stream is given (:func:`input_key`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from deq._adjoint import UnrolledAdjoint
+from deq._validate import is_hashable
+from deq.regularization import AdaptiveWeight, jacobian_regularization
+
+
+def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight: Any,
+                      max_steps: int, z, state, x, key, num_steps):
+    """The weighted penalty ``w R`` and its gradient in ``(state, x)``, the fixed point held
+    constant; zeros, and no work, when the weight is 0."""
+    fn = lambda z, args: cell(args[0], z, args[1])
+    zc = jax.lax.stop_gradient(z)
+    if sub_batch is not None:
+        zc = jax.tree_util.tree_map(lambda a: a[:sub_batch], zc)
+    empty = jax.tree_util.tree_leaves(zc)[0].shape[:1] == (0,)
+
+    def value(state, x):
+        xs = x if sub_batch is None else x[:sub_batch]
+        return jacobian_regularization(fn, zc, (state, xs), key, num_samples).astype(jnp.float32)
+
+    def off(state, x):
+        zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
+        return jnp.zeros((), jnp.float32), (zeros(state), zeros(x))
+
+    def on(w):
+        def run(state, x):
+            v, grads = jax.value_and_grad(value, argnums=(0, 1))(state, x)
+            return w * v, jax.tree_util.tree_map(lambda g: (w * g).astype(g.dtype), grads)
+        return run
+
+    if empty:  # an empty batch: nothing to penalise
+        return off(state, x)
+    if not isinstance(weight, AdaptiveWeight):
+        return off(state, x) if weight == 0 else on(jnp.float32(weight))(state, x)
+    w = weight(num_steps, max_steps)
+    # No penalty, and no work, while the solves stay within the weight's target.
+    return jax.lax.cond(w > 0, on(w), off, state, x)
+
+
+_penalty_gradient_jit = jax.jit(_penalty_gradient, static_argnums=(0, 1, 2, 3, 4))
+
+
+@jax.custom_vjp
+def _attach(z, state, x, grads):
+    """``z`` unchanged; its VJP adds the precomputed ``grads`` to the cotangents of
+    ``(state, x)``: the penalty enters the gradient of whatever loss uses ``z``."""
+    return z
+
+
+def _attach_fwd(z, state, x, grads):
+    return z, grads
+
+
+def _attach_bwd(grads, g):
+    return (g, *grads, None)
+
+
+_attach.defvjp(_attach_fwd, _attach_bwd)
+
+
+def stabilise(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
+              key: jax.Array, stats: Any):
+    """Apply the Jacobian penalty (Bai et al., 2021) through the gradient: returns ``(z, wR)``
+    where ``z`` is unchanged in value and reverse-mode differentiation of anything computed
+    from it adds ``w dR/d(state, x)`` to the gradient -- as if ``w R`` had been added to the
+    loss, once per backward pass, with no change to the user's loss. Forward-mode transforms
+    see ``z`` without it. ``R`` is
+    :func:`jacobian_regularization` at the fixed point (held constant) with
+    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a per-sample
+    mean, so still unbiased; its second-order pass -- the costly part -- shrinks with the
+    batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function of
+    ``stats.num_steps`` (0: nothing computed). ``wR`` (float32, no gradient) is for logging.
+    """
+    sub = options.jac_reg_batch if options.batched else None  # unbatched: no batch to subsample
+    weight = jac_reg_weight(options)
+    if isinstance(weight, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
+        # A fixed number of unrolled steps always "spends its budget": convergence is not
+        # its contract, so the adaptive weight has nothing to go by.
+        weight = 0.0
+    args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub), weight,
+            int(options.max_steps))
+    run = _penalty_gradient_jit if is_hashable(*args) else _penalty_gradient
+    value, grads = run(*args, z, state, x, key, stats.num_steps)
+    grads = jax.lax.stop_gradient(grads)
+    try:
+        z = _attach(z, state, x, grads)
+    except TypeError as e:
+        # Forward mode (jvp, jacfwd, the outer pass of hessian) cannot go through a custom
+        # VJP: it sees the layer without the stabiliser, which changes no value and only
+        # ever adds to reverse-mode gradients.
+        if "forward-mode" not in str(e):
+            raise
+    return z, jax.lax.stop_gradient(value)
+
+
+def input_key(x: jax.Array) -> jax.Array:
+    """A PRNG key for the penalty's probes derived from the call's input, when no random
+    stream is given: it changes from batch to batch, and the layer keeps no random state."""
+    total = jnp.sum(jnp.abs(x)).astype(jnp.float32)
+    return jax.random.fold_in(jax.random.key(0), jax.lax.bitcast_convert_type(total, jnp.int32))
+
+
+def jac_reg_weight(options: Any) -> float | AdaptiveWeight:
+    """``jac_reg_weight`` as a float or an :class:`AdaptiveWeight` (``"auto"``)."""
+    w = options.jac_reg_weight
+    return AdaptiveWeight() if isinstance(w, str) else w
