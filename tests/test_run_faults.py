@@ -15,7 +15,7 @@ from test_experiments import smoke_config
 
 from experiments import compare, data, train
 from experiments.cli import ConfigError, RunFileError
-from experiments.configuration import validate_config
+from experiments.configuration import store_config, validate_config
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,21 @@ def test_a_busy_dataset_build_names_the_holder(tmp_path, caplog):
     assert entered.is_set()  # ... until the holder lets go
     assert "waiting for process 4242" in caplog.text and path in caplog.text
     assert open(path).read().strip() == str(os.getpid())
+
+
+def test_a_run_that_stored_its_config_meanwhile_is_not_resumed(tmp_path, tfds_dir, monkeypatch):
+    # Two runs started together on one workdir: the other one stores its config after this
+    # run's first check (here: while this run loads its data). The check under the lock
+    # sees it, and this run refuses to mix two experiments.
+    load = train.load_data
+
+    def load_and_race(config):
+        other = smoke_config(tfds_dir, **{"seed": 7})
+        tmp_path.mkdir(exist_ok=True)
+        store_config(other, tmp_path)
+        return load(config)
+
+    monkeypatch.setattr(train, "load_data", load_and_race)
+    with pytest.raises(ConfigError, match="holds a run with a different config .*seed: 7 -> 0"):
+        train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
