@@ -32,7 +32,14 @@ _MUTABLE = (
     "BatchNorm and weight normalisation instead of spectral norm; keep counters and running "
     "statistics outside the DEQ layer."
 )
+_WEIGHTNORM = (
+    "Flax's nnx.WeightNorm normalises the wrapped layer's kernel in place on every call, i.e. "
+    "it writes the cell's parameters at every solver iteration. Use "
+    "deq.cells.nnx.WeightNorm(layer) instead: the same weight normalisation (g v / |v|), "
+    "computed on each call without writing the kernel."
+)
 REASONS = {
+    "WeightNorm": _WEIGHTNORM,
     "BatchNorm": _BATCHNORM,
     "Dropout": _DROPOUT,
     "SpectralNorm": _SPECTRALNORM,

@@ -45,6 +45,8 @@ def _offending(cell: nnx.Module):
     """(what, path, reason) of the first stateful layer or variable inside ``cell``."""
     layers = [(nnx.BatchNorm, "BatchNorm"), (nnx.Dropout, "Dropout"),
               (nnx.SpectralNorm, "SpectralNorm")]
+    if hasattr(nnx, "WeightNorm"):
+        layers.append((nnx.WeightNorm, "WeightNorm"))
     nodes = [("/".join(map(str, path)) or "<cell>", node) for path, node in nnx.iter_graph(cell)]
     # Layers first, so that the error names e.g. the BatchNorm and not its 'mean' variable.
     for where, node in nodes:
@@ -73,10 +75,10 @@ def _check_unchanged(cell: nnx.Module, before: dict) -> None:
         kind = type(var).__name__
         if path not in before:
             raise _stateful.stateful_error(_NAME, f"a {kind} variable created by its call",
-                                        where, "mutable")
+                                           where, "mutable")
         if var.get_value() is not before[path]:
             raise _stateful.stateful_error(_NAME, f"a {kind} variable that its call updates",
-                                        where, "mutable")
+                                           where, "mutable")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,8 @@ def _wrap(make):
                  "nnx.Dropout at 'inner'", id="nnx-dropout-deterministic"),
     pytest.param(NNX, _wrap(lambda r: nnx.SpectralNorm(nnx.Linear(3, 3, rngs=r), rngs=r)),
                  "nnx.SpectralNorm at 'inner'", id="nnx-spectralnorm"),
+    pytest.param(NNX, _wrap(lambda r: nnx.WeightNorm(nnx.Linear(3, 3, rngs=r), rngs=r)),
+                 "nnx.WeightNorm at 'inner'", id="nnx-weightnorm"),
     pytest.param(NNX, lambda: _CountingCell(nnx.Rngs(0)),
                  "a _Counter variable that its call updates at 'calls'", id="nnx-updates"),
     pytest.param(NNX, lambda: _CachingCell(nnx.Rngs(0)),
@@ -313,3 +315,19 @@ def test_z_init_of_the_wrong_shape_is_named(api):
     layer, x, _ = api.mlp(z_init=lambda x: jnp.zeros((x.shape[0], 7)))
     with pytest.raises(ValueError, match=r"z0 of shape \(2, 7\) \(z_init=<function"):
         api.forward(layer, x)
+
+
+def test_flax_linen_weightnorm_in_a_cell_works():
+    # Linen's nn.WeightNorm computes the normalised kernel on each call (nothing written):
+    # it works inside a cell, gradients included. (NNX's writes in place: rejected above.)
+    class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, z, x):
+            return jnp.tanh(0.5 * nn.WeightNorm(nn.Dense(3))(z) + x)
+
+    layer = deq.linen.DEQ(cell=Cell())
+    x = randn((2, 3), 1)
+    params = layer.init(jax.random.key(0), x)["params"]
+    grads = jax.grad(lambda p: layer.apply({"params": p}, x).sum())(params)
+    assert all(np.isfinite(g).all() and np.abs(g).sum() > 0
+               for g in jax.tree_util.tree_leaves(grads))
