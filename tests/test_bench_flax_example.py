@@ -23,6 +23,7 @@ def quick_compile():
     jax.config.update(flag, before)
 
 
+@pytest.mark.slow
 def test_bench_flax_example_writes_finite_rows(tmp_path, quick_compile):
     from experiments import bench_flax_example
 

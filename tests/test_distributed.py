@@ -1,5 +1,7 @@
-"""``deq-train --distributed``: two processes on this machine (JAX's CPU collectives over gloo)
-train the smoke config end to end and match a one-process run with the same global batch."""
+"""Data parallelism end to end on the smoke config: ``deq-train --distributed`` as two
+processes on this machine (JAX's CPU collectives over gloo), and 8 forced CPU devices in one
+process, against one device with the same global batch. (Exact agreement without the
+stabiliser: ``tests/test_experiments.py``.)"""
 
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(workdir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+def _train(workdir: Path, *extra: str, devices: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.main", "--config", "configs/smoke.py",
          "--workdir", str(workdir), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -40,26 +43,33 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_and_eight_devices_train_like_one(tmp_path):
+    """Started together: a one-device run, an 8-device run in one process, and a run of two
+    processes; all three train the same global batches."""
     port = _free_port()
     procs = [_train(tmp_path / "two", "--distributed", f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}") for i in range(2)]
+    eight = _train(tmp_path / "eight", devices=8)
     single = _train(tmp_path / "one")
     outs = [_finish(p) for p in procs]
+    _finish(eight)
     _finish(single)
     # One process speaks for the run: process 1 prints no epoch lines.
     assert "epoch 2/2" in outs[0] and "epoch" not in outs[1], outs[1][-2000:]
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert two["machine"].endswith("2 JAX device(s)")
+    runs = {name: json.loads((tmp_path / name / "summary.json").read_text())
+            for name in ("one", "two", "eight")}
+    assert runs["two"]["machine"].endswith("2 JAX device(s)")
+    assert runs["eight"]["machine"].endswith("8 JAX device(s)")
     # Records are written once: two epoch lines, not four.
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    assert sum(json.loads(r)["kind"] == "epoch" for r in lines) == 2 == two["epochs"]
-    # The same run up to the stabiliser's random probes, which each process draws for its
-    # own rows: the same steps, the accuracy within one of the 40 test images.
-    assert two["final_step"] == one["final_step"] == 12
-    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1 / 40)
-    assert two["test_at_equilibrium"] == two["test_samples"] == 40
+    assert sum(json.loads(r)["kind"] == "epoch" for r in lines) == 2 == runs["two"]["epochs"]
+    # The same run up to the stabiliser's random probes, which each device draws for its own
+    # rows: the same steps, the accuracy within one of the 40 test images.
+    for name in ("two", "eight"):
+        assert runs[name]["final_step"] == runs["one"]["final_step"] == 12
+        assert runs[name]["test_accuracy"] == pytest.approx(runs["one"]["test_accuracy"],
+                                                            abs=1 / 40)
+        assert runs[name]["test_at_equilibrium"] == runs[name]["test_samples"] == 40
 
 
 def test_distributed_flags_need_distributed(tmp_path):
