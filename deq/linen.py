@@ -224,7 +224,7 @@ class DEQ(nn.Module):
         self.sow("intermediates", "deq_stats", stats)
         if self.jac_reg_samples and not deterministic and not self.is_initializing():
             z, penalty = _stabiliser.stabilise(pure, self, z, params, x, self._probe_key(x),
-                                          stats)
+                                               stats)
             if self.is_mutable_collection("losses"):
                 self.sow("losses", "jac_reg", penalty)
         return z

@@ -295,11 +295,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def quiet_third_party_logs() -> None:
     """Orbax and TFDS log through absl (checkpoint steps at INFO, a "no dataset_info.json"
     warning before every first build): keep only their errors."""
-    # JAX's backend probe ("Unable to initialize backend 'tpu'") and its distributed
-    # service's connection lines are INFO too.
-    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge",
-                 "jax._src.distributed"):
+    for name in ("absl", "orbax", "tensorflow_datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # JAX's backend probe ("Unable to initialize backend 'tpu'") and its distributed
+    # service's connection lines are INFO; its warnings (e.g. a GPU without a CUDA jaxlib)
+    # stay.
+    for name in ("jax._src.xla_bridge", "jax._src.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with contextlib.suppress(Exception):
         import tensorflow_datasets as tfds
 

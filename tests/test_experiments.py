@@ -713,14 +713,15 @@ def test_missing_mnist_folder_is_a_short_error_and_leaves_no_workdir(tmp_path, t
     proc = _train_cli(tmp_path / "run", tfds_dir, f"--config.data.dir={tmp_path / 'nope'}",
                       config="configs/mnist_deq.py")
     # The error explains where to get the files: a few lines, no traceback.
-    _short_error(proc, 1, str(tmp_path / "nope"), "does not exist", max_lines=12)
+    # A data folder that does not exist is a bad config value: exit 2.
+    _short_error(proc, 2, str(tmp_path / "nope"), "does not exist", max_lines=12)
     assert not (tmp_path / "run").exists()  # a rerun with other settings is not refused
 
 
 def test_compare_on_a_path_that_does_not_exist_says_so(tmp_path):
     proc = _cli("--runs", tmp_path / "nonexistent", "--out", tmp_path / "out",
                 module="experiments.compare")
-    _short_error(proc, 1, f"run directory {tmp_path / 'nonexistent'} does not exist",
+    _short_error(proc, 2, f"run directory {tmp_path / 'nonexistent'} does not exist",
                  max_lines=1)
     assert not (tmp_path / "out").exists()
 
