@@ -1,6 +1,7 @@
 """What the NNX and Linen DEQ layers share: option checks, the starting point, the solve (compiled
-once per static configuration), the warning about training solves that
-keep failing, and the messages that reject stateful layers inside a cell.
+once per static configuration) and the warning about training solves that keep failing (the
+stabiliser is in ``_stabiliser.py``, the messages that reject stateful cells in
+``_stateful.py``).
 
 Both layers reduce a call to :func:`forward` with a hashable *cell adapter* ``cell`` that
 applies the cell functionally, ``cell(state, z, x)``, and a hashable :class:`CallOptions`:
@@ -349,14 +350,18 @@ def _start_error(layer: str, z_init, cell: Any, x, z0, problem: str) -> ValueErr
 
 def checked_start(layer: str, z_init, cell: Any, x, z0, run: Callable[[], Any]) -> Any:
     """``run()`` (the cell applied to ``z0``, concretely or abstractly), with a message that
-    names the layer, the shapes and the ways out when the cell does not accept ``z0`` or
-    returns another shape. Errors of other kinds pass through unchanged."""
+    names the layer, the shapes and the ways out when the cell does not accept ``z0`` (a
+    ``TypeError``/``ValueError``, the cell's message included) or returns another shape.
+    JAX's tracer errors and errors of other kinds pass through unchanged."""
     try:
         out = run()
     except (TypeError, ValueError) as e:
-        if isinstance(e, StatefulCellError):
+        # JAX's tracer errors (a Python `if` on a traced value, ...) say more on their own.
+        if isinstance(e, (StatefulCellError, jax.errors.JAXTypeError,
+                          jax.errors.ConcretizationTypeError)):
             raise
-        reason = f"the cell failed on it: {str(e).rstrip('.')}"
+        reason = (f"the cell failed on it ({str(e).rstrip('.')}; if z0's shape is right, "
+                  f"that error is the cell's own)")
         raise _start_error(layer, z_init, cell, x, z0, reason) from e
     z_struct = jax.tree_util.tree_structure(z0)
     if jax.tree_util.tree_structure(out) != z_struct or any(

@@ -25,7 +25,6 @@ from pathlib import Path
 from experiments.errors import (
     REPORTED,
     ConfigError,
-    RunFileError,
     exit_status,
 )
 
@@ -239,19 +238,6 @@ def fail(prog: str, message: str, code: int = 2, *, hard: bool = False):
         sys.stdout.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def read_run_json(path, role: str):
-    """The JSON in ``path``, a file of a run's workdir; a file that does not parse raises
-    RunFileError naming it, what it holds and the way out."""
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFileError(
-            f"{path} is not valid JSON ({e}); it holds {role}. Restore it from a copy, or "
-            f"start over in a new --workdir.") from None
 
 
 @contextlib.contextmanager

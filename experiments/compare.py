@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from experiments import cli
+from experiments.runfiles import read_json
 
 PROG = "deq-compare"
 cli.require_experiments_extra(PROG)
@@ -48,8 +49,8 @@ def summarize(workdir: Path) -> dict:
             f"{workdir} has no summary.json: the run has not finished (rerun its config to "
             "resume it)."
         )
-    summary = cli.read_run_json(summary_path, "the summary of a finished run (rerun its config "
-                                "in a new workdir to write it again)")
+    summary = read_json(summary_path, "the summary of a finished run (rerun its config in a "
+                        "new workdir to write it again)")
     summary["workdir"] = str(workdir)
     return summary
 

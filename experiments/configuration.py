@@ -20,7 +20,9 @@ import ml_collections
 
 from experiments import data as data_lib
 from experiments import models
-from experiments.cli import ConfigError, config_fields, get_field, read_run_json
+from experiments.cli import config_fields, get_field
+from experiments.errors import ConfigError
+from experiments.runfiles import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def check_stored_config(config, workdir: Path) -> None:
     current = {**STORED_DEFAULTS, **_json_fields(config)}
     if path.exists():
         stored = {**STORED_DEFAULTS,
-                  **read_run_json(path, "the config of the run stored in this workdir")}
+                  **read_json(path, "the config of the run stored in this workdir")}
         diff = sorted(
             k for k in set(stored) | set(current)
             if k not in RESUMABLE_FIELDS and stored.get(k) != current.get(k)
@@ -158,4 +160,4 @@ def check_stored_config(config, workdir: Path) -> None:
 def store_config(config, workdir: Path) -> None:
     path = workdir / "config.json"
     if jax.process_index() == 0 and not path.exists():
-        path.write_text(json.dumps(_json_fields(config), indent=1, sort_keys=True))
+        write_json(path, _json_fields(config), indent=1, sort_keys=True)

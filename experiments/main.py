@@ -9,8 +9,8 @@ usage: deq-train --config FILE --workdir DIR [--config.FIELD=VALUE ...] [--distr
 Rerunning the same command resumes from the last checkpoint in --workdir (after Ctrl-C too);
 a second run on a workdir that a run holds is refused. Prints one line per epoch and a final
 summary (also in DIR/summary.json, with per-epoch records in DIR/metrics.jsonl). Exit status:
-0 done, 1 the run failed (non-finite loss, damaged checkpoint, missing data, workdir held by
-another run), 2 bad command line or config, 130 interrupted.
+0 done, 1 the run failed (non-finite loss, damaged checkpoint or dataset, workdir held by
+another run), 2 bad command line, config, data or run folder, 130 interrupted.
 
 Multi-process (data parallel): start the same command in every process with --distributed.
 Under SLURM (srun), Open MPI or on Cloud TPU, JAX finds the processes itself; elsewhere give
@@ -97,12 +97,15 @@ def main(argv):
             summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not orbax's and asyncio's tracebacks
         step, saved = getattr(e, "step", None), getattr(e, "checkpoint", None)
-        at = f" at step {step}" if step is not None else ""
-        if saved:
-            then = (f"rerun the same command to resume from the checkpoint of step {saved}")
+        if step is None:  # before the run had restored its checkpoint, if it has one
+            told = "interrupted before training; rerun the same command to run (or resume) it"
+        elif saved:
+            told = (f"interrupted at step {step}; rerun the same command to resume from the "
+                    f"checkpoint of step {saved}")
         else:
-            then = "no checkpoint was saved yet: rerunning the same command starts over"
-        print(f"{PROG}: interrupted{at}; {then}.", file=sys.stderr, flush=True)
+            told = (f"interrupted at step {step}, before the first checkpoint: rerunning the "
+                    "same command starts over")
+        print(f"{PROG}: {told}.", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Skip the shutdown, where orbax/TensorStore threads can still be busy.
         os._exit(EXIT_INTERRUPTED)

@@ -13,6 +13,7 @@ import numpy as np
 
 from experiments.errors import NonFiniteError
 from experiments.provenance import machine, machine_name
+from experiments.runfiles import write_json
 from experiments.steps import BAD_VALUES, METRICS
 
 logger = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ def summary(info: dict, workdir: Path, final_step: int) -> dict:
                                     "eval_fwd_unconverged")]
     out["all_solves_converged"] = None if None in unconverged else not any(unconverged)
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(out, indent=1))
+        write_json(workdir / "summary.json", out, indent=1)
     return out
 
 

@@ -124,19 +124,31 @@ def _per_device(fn, mesh, in_specs, reductions: dict):
             reduced.update(jax.tree_util.tree_unflatten(treedef, parts))
         return reduced
 
-    # check_vma=False: the solver's closure-converted cell (deq.fixed_point) mixes
+    # No replication check: the solver's closure-converted cell (deq.fixed_point) mixes
     # per-device and replicated operands, which JAX's varying-axes typing rejects; every
     # output is reduced over the devices above, so it is replicated.
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(),
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map  # JAX before jax.shard_map
+
+    return shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(), check_rep=False)
 
 
 def make_train_step(task: Task, mesh=None):
     """``train_step(params, opt_state, acc, rest, images, labels, base_key, step)`` ->
     ``(params, opt_state, acc)``; ``step`` is the 0-based global step (its random key is
     ``fold_in(base_key, step)``). With a ``mesh``, each device computes the gradient of its
-    rows, and the gradients are averaged once (one all-reduce per step)."""
+    rows, and the gradients are averaged once (one all-reduce per step). The stabiliser then
+    runs per device too: its probes, its sub-batch (``reg.jac_batch`` rows of each device)
+    and its adaptive weight (from that device's solve). The solver metrics are the worst
+    device's (``bwd_rel_residual``: the largest per-device ratio, a bound on the batch's)."""
 
     def gradients(params, rest, images, labels, key):
+        if mesh is not None:
+            # Each device draws its own random numbers (the stabiliser's probes) for its rows.
+            key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+
         def loss_fn(params, probe):
             model = nnx.merge(task.graphdef, params, rest, copy=True)
             logits = model(images, probe=probe, key=key)

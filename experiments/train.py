@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
 import signal
@@ -53,6 +52,7 @@ from experiments.metrics import (
     machine_description,
     read_metrics,
 )
+from experiments.runfiles import write_json
 
 try:
     import fcntl
@@ -351,7 +351,7 @@ def compile_train_step(config, task, params, opt_state, rest, train, devices, wo
     info = metrics_lib.run_info(config, compiled, time.perf_counter() - t0, num_params,
                                 data_lib.steps_per_epoch(train, bs))
     if jax.process_index() == 0:
-        (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
+        write_json(workdir / "run_info.json", info, indent=1)
     logger.debug("%s", info)
     return compiled, info
 

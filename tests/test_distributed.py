@@ -64,12 +64,13 @@ def test_two_processes_and_eight_devices_train_like_one(tmp_path):
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(r)["kind"] == "epoch" for r in lines) == 2 == runs["two"]["epochs"]
     # The same run up to the stabiliser's random probes, which each device draws for its own
-    # rows: the same steps, the accuracy within one of the 40 test images.
+    # rows: the same steps; accuracy and samples at equilibrium within one of the 40 images.
     for name in ("two", "eight"):
         assert runs[name]["final_step"] == runs["one"]["final_step"] == 12
         assert runs[name]["test_accuracy"] == pytest.approx(runs["one"]["test_accuracy"],
                                                             abs=1 / 40)
-        assert runs[name]["test_at_equilibrium"] == runs[name]["test_samples"] == 40
+        assert runs[name]["test_samples"] == 40
+        assert abs(runs[name]["test_at_equilibrium"] - runs["one"]["test_at_equilibrium"]) <= 1
 
 
 def test_distributed_flags_need_distributed(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 from test_experiments import smoke_config
 
 from experiments import compare, data, train
-from experiments.cli import ConfigError, RunFileError
 from experiments.configuration import store_config, validate_config
+from experiments.errors import ConfigError, RunFileError
 
 
 @pytest.fixture(scope="module")
