@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deq import _stabiliser
 from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats, trace_size
@@ -257,13 +258,18 @@ class CallOptions(NamedTuple):
     trace_length: int
     training: bool
     warn_after: int | None
+    # The stabiliser (applied when jac_reg_samples > 0; see _stabiliser.stabilise).
+    jac_reg_samples: int = 0
+    jac_reg_batch: int | None = None
+    jac_reg_weight: Any = 0.0
 
     @classmethod
     def make(cls, layer: str, options: Any, deterministic: bool, *,
-             watch: bool = True) -> CallOptions:
+             watch: bool = True, stabilise: bool = True) -> CallOptions:
         """Options of a call; ``deterministic`` (evaluation) selects the ``eval_*`` settings.
 
-        ``watch=False`` does not count unconverged solves (e.g. Linen's ``init``)."""
+        ``watch=False`` does not count unconverged solves (e.g. Linen's ``init``);
+        ``stabilise=False`` leaves the stabiliser out (it is also out in evaluation)."""
         solver, max_steps = options.solver, options.max_steps
         if deterministic:
             solver, max_steps = eval_solver(options), eval_max_steps(options)
@@ -277,6 +283,10 @@ class CallOptions(NamedTuple):
             max_steps=int(max_steps), trace_length=trace_length(options),
             training=not deterministic,
             warn_after=None if warn is None or not watch else int(warn),
+            jac_reg_samples=int(options.jac_reg_samples) if stabilise and not deterministic
+            else 0,
+            jac_reg_batch=None if options.jac_reg_batch is None else int(options.jac_reg_batch),
+            jac_reg_weight=options.jac_reg_weight,
         )
 
 
@@ -376,7 +386,7 @@ def checked_start(layer: str, z_init, cell: Any, x, z0, run: Callable[[], Any]) 
 # ---------------------------------------------------------------------------------------------
 # The forward pass, compiled once per (cell adapter, options, shapes, dtypes).
 
-def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any):
+def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any, key: Any):
     fn = lambda z, args: cell(args[0], z, args[1])
     module = cell.module(state)
     z0 = initial_state(options.layer, options.z_init, x, module,
@@ -393,15 +403,25 @@ def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any):
     stats = LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats), options.trace_length)
     if options.training and options.warn_after is not None:
         _watch_unconverged(options, cell.name, stats)
-    return sol.value, stats
+    z, penalty = sol.value, jnp.zeros((), jnp.float32)
+    if options.jac_reg_samples:
+        z, penalty = _stabiliser.stabilise(cell, options, z, state, x,
+                                           _stabiliser.input_key(x) if key is None else key,
+                                           stats)
+    return z, stats, penalty
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
 
 
 def forward(cell: Any, options: CallOptions, state: Any, x: Any,
-            probe: jax.Array | None) -> tuple[Any, LayerStats]:
-    """The layer's fixed point ``z*`` of ``x`` and the :class:`LayerStats` of its solve.
+            probe: jax.Array | None, key: jax.Array | None = None,
+            ) -> tuple[Any, LayerStats, jax.Array]:
+    """The layer's fixed point ``z*`` of ``x``, the :class:`LayerStats` of its solve and the
+    stabiliser's weighted penalty (float32, no gradient; 0 when ``options`` leave it out).
+
+    The stabiliser (:func:`deq._stabiliser.stabilise`) runs in the same pass, its probes
+    drawn from ``key``, or from a key derived from ``x`` when ``key`` is None.
 
     ``cell`` is a hashable adapter with ``cell(state, z, x)``, ``cell.method(state, name, x)``,
     ``cell.module(state)`` (an object to look ``state_shape``/methods up on) and ``cell.name``.
@@ -409,8 +429,8 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     on them: eager calls reuse its compilation, traced calls inline it.
     """
     if is_hashable(cell, options):
-        return _forward_jit(cell, options, state, x, probe)
-    return _forward(cell, options, state, x, probe)
+        return _forward_jit(cell, options, state, x, probe, key)
+    return _forward(cell, options, state, x, probe, key)
 
 
 # ---------------------------------------------------------------------------------------------

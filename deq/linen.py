@@ -12,7 +12,7 @@ import jax
 from flax.errors import InvalidRngError
 
 from deq import _layer_common as common
-from deq import _stabiliser, _stateful
+from deq import _stateful
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
@@ -97,14 +97,17 @@ class DEQ(nn.Module):
 
     Collections written:
 
-    * ``"intermediates"``: ``"deq_stats"``, the :class:`LayerStats` of the solve
+    * ``"intermediates"``: ``"stats"``, the :class:`LayerStats` of the solve
       (``mutable=["intermediates"]`` to read it; a tuple with one entry per call). Their
       shapes do not depend on the batch size;
-    * ``"losses"``: ``"jac_reg"``, ``jac_reg_weight`` times the Jacobian penalty
-      :func:`deq.regularization.jacobian_regularization` at :math:`z^*`, when
-      ``jac_reg_samples > 0`` and ``"losses"`` is mutable (otherwise it is not computed). Its
-      probes come from the ``"jac_reg"`` rng stream (falling back to ``"params"``).
-      ``sum(jax.tree.leaves(mutated["losses"]))`` adds up the penalties of all layers.
+    * ``"losses"``: ``"jac_loss"``, the value (for logging, no gradient) of ``jac_reg_weight``
+      times the Jacobian penalty :func:`deq.regularization.jacobian_regularization` at
+      :math:`z^*`, when ``jac_reg_samples > 0``, the call is not ``deterministic`` and
+      ``"losses"`` is mutable. The penalty itself enters the gradient of any loss of the
+      layer's output whether or not the collection is mutable: nothing to add to the loss. Its
+      probes come from the ``"jac_reg"`` rng stream, else from a key derived from ``x``.
+
+    The names match :class:`deq.nnx.DEQ`'s ``layer.stats`` and ``layer.jac_loss``.
 
     Cells must not hold state that changes on each call: ``nn.BatchNorm``, ``nn.Dropout``,
     ``nn.SpectralNorm``, any collection other than ``params``, and a cell that draws random
@@ -145,11 +148,11 @@ class DEQ(nn.Module):
       ...     def loss_fn(params):
       ...         logits, aux = model.apply({"params": params}, x, rngs={"jac_reg": key},
       ...                                   mutable=["losses", "intermediates"])
-      ...         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      ...         return ce + 0.1 * sum(jax.tree.leaves(aux["losses"])), aux
+      ...         # The stabiliser is already in the gradient: the loss is just the task's.
+      ...         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), aux
       ...     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       ...     updates, opt_state = tx.update(grads, opt_state)
-      ...     stats = aux["intermediates"]["DEQ_0"]["deq_stats"][0]
+      ...     stats = aux["intermediates"]["DEQ_0"]["stats"][0]
       ...     return optax.apply_updates(params, updates), opt_state, loss, stats
       >>> params, opt_state, loss, stats = train_step(params, opt_state, jax.random.key(1))
       >>> int(stats.num_steps) > 0
@@ -218,21 +221,18 @@ class DEQ(nn.Module):
         params = variables.get("params", {})
         # Inside the solve the cell is applied functionally, its parameters an explicit input.
         pure = _Cell(cell.clone(parent=None))
-        options = common.CallOptions.make(_NAME, self, deterministic,
-                                          watch=not self.is_initializing())
-        z, stats = common.forward(pure, options, params, x, probe)
-        self.sow("intermediates", "deq_stats", stats)
-        if self.jac_reg_samples and not deterministic and not self.is_initializing():
-            z, penalty = _stabiliser.stabilise(pure, self, z, params, x, self._probe_key(x),
-                                               stats)
-            if self.is_mutable_collection("losses"):
-                self.sow("losses", "jac_reg", penalty)
+        initializing = self.is_initializing()
+        options = common.CallOptions.make(_NAME, self, deterministic, watch=not initializing,
+                                          stabilise=not initializing)
+        # The penalty's probes: the "jac_reg" rng stream if the call has one, else a key
+        # derived from the input (so that they vary from batch to batch).
+        key = (self.make_rng("jac_reg")
+               if options.jac_reg_samples and self.has_rng("jac_reg") else None)
+        z, stats, penalty = common.forward(pure, options, params, x, probe, key)
+        self.sow("intermediates", "stats", stats)
+        if options.jac_reg_samples and self.is_mutable_collection("losses"):
+            self.sow("losses", "jac_loss", penalty)
         return z
-
-    def _probe_key(self, x) -> jax.Array:
-        """The penalty's probes: the ``"jac_reg"`` rng stream if the call has one, else a key
-        derived from the input (so that they vary from batch to batch)."""
-        return self.make_rng("jac_reg") if self.has_rng("jac_reg") else _stabiliser.input_key(x)
 
 
 __all__ = ["DEQ", "LayerStats", "UnconvergedWarning"]

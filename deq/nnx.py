@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deq import _layer_common as common
-from deq import _stabiliser, _stateful
+from deq import _stateful
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
@@ -145,10 +145,12 @@ class DEQ(nnx.Module):
       solve -- ``layer.stats.get_value().num_steps``, ``.rel_residual``, ``.converged``, ... --
       also after ``nnx.jit``, where it is updated like any other NNX state. (Per-sample
       residuals are summarised: stored state must not change shape with the batch size.)
-    * ``layer.jac_loss`` (a :class:`DEQAuxLoss` variable) holds ``jac_reg_weight`` times the
-      Jacobian penalty :func:`deq.regularization.jacobian_regularization` at :math:`z^*` when
+    * ``layer.jac_loss`` (a :class:`DEQAuxLoss` variable) holds the value (for logging, no
+      gradient) of ``jac_reg_weight`` times the Jacobian penalty
+      :func:`deq.regularization.jacobian_regularization` at :math:`z^*` when
       ``jac_reg_samples > 0`` and the layer is not ``deterministic`` (``model.eval()`` sets
-      that), else 0. Read it inside the loss function with ``layer.jac_loss[...]``.
+      that), else 0: ``layer.jac_loss[...]``. The penalty itself enters the gradient of any
+      loss of the layer's output: nothing to add to the loss.
 
     Cells must not hold state that changes on each call: ``nnx.BatchNorm``, ``nnx.Dropout``,
     ``nnx.SpectralNorm`` and any ``nnx.BatchStat`` or random state are rejected at
@@ -205,8 +207,8 @@ class DEQ(nnx.Module):
       ... def train_step(model, optimizer, x, y):
       ...     def loss_fn(model):
       ...         logits = model(x)
-      ...         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      ...         return ce + 0.1 * model.deq.jac_loss[...]
+      ...         # The stabiliser is already in the gradient: the loss is just the task's.
+      ...         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       ...     loss, grads = nnx.value_and_grad(loss_fn)(model)
       ...     optimizer.update(model, grads)
       ...     return loss
@@ -298,20 +300,21 @@ class DEQ(nnx.Module):
         self._check_cell(self.cell)  # the cell may have been replaced since construction
         graphdef, state = nnx.split(self.cell)
         cell = _Cell(graphdef, type(self.cell).__name__)
-        options = common.CallOptions.make(_NAME, self, bool(self.deterministic))
-        z, stats = common.forward(cell, options, state, x, probe)
+        # The stabiliser only where its value can be stored (see _record): drawing its key
+        # updates the layer's random stream, which a foreign trace must not do either.
+        options = common.CallOptions.make(_NAME, self, bool(self.deterministic),
+                                          stabilise=self.jac_loss._can_update)
+        key = self._key(rngs) if options.jac_reg_samples else None
+        z, stats, penalty = common.forward(cell, options, state, x, probe, key)
         _record(self.stats, stats)
-        penalty = jnp.zeros((), jnp.float32)
-        # Only where it can be stored (see _record): drawing its key updates the layer's
-        # random stream, which a foreign trace must not do either.
-        if self.jac_reg_samples and not self.deterministic and self.jac_loss._can_update:
-            z, penalty = _stabiliser.stabilise(cell, self, z, state, x, self._key(rngs, x), stats)
         _record(self.jac_loss, penalty)
         return z
 
-    def _key(self, rngs, x) -> jax.Array:
+    def _key(self, rngs) -> jax.Array | None:
+        """The penalty's probes: ``rngs``, else the layer's stream, else (None) a key derived
+        from the input inside the solve."""
         if rngs is None:
-            return _stabiliser.input_key(x) if self.rngs is None else self.rngs()
+            return None if self.rngs is None else self.rngs()
         if isinstance(rngs, nnx.Rngs):
             return rngs["jac_reg"]()
         return rngs

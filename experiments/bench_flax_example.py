@@ -167,7 +167,7 @@ def setup_linen(args, layer_kwargs):
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), upd["batch_stats"], opt_state, key, loss,
-                upd["intermediates"]["DEQ_0"]["deq_stats"][0])
+                upd["intermediates"]["DEQ_0"]["stats"][0])
 
     def train(images, labels):
         *state[:], loss, stats = step(*state, images, labels)
@@ -182,7 +182,7 @@ def setup_linen(args, layer_kwargs):
                                   train=False, mutable=["intermediates"])
             x, z = upd["intermediates"]["deq_io"][0]
             fz = layer.cell.apply({"params": params["DEQ_0"]["cell"]}, z, x)
-            steps = upd["intermediates"]["DEQ_0"]["deq_stats"][0].num_steps
+            steps = upd["intermediates"]["DEQ_0"]["stats"][0].num_steps
             return logits.argmax(-1), _residuals(fz, z), steps
 
         return lambda images: run(state[0], state[1], images)

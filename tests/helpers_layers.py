@@ -294,7 +294,7 @@ class LinenLayer(NamedTuple):
 def _linen_forward(layer, params, x):
     """``(z, stats)`` of a layer (or model) holding one DEQ layer at the top level."""
     z, state = layer.apply({"params": params}, x, mutable=["intermediates"])
-    return z, state["intermediates"]["deq_stats"][0]
+    return z, state["intermediates"]["stats"][0]
 
 
 @partial(jax.jit, static_argnums=0)
@@ -378,7 +378,7 @@ class _Linen:
     def call(self, h, x, **kwargs):
         """``(z, stats)`` of an eager call (``kwargs``: of ``apply``, e.g. ``deterministic``)."""
         z, state = h.module.apply({"params": h.params}, x, mutable=["intermediates"], **kwargs)
-        return z, state["intermediates"]["deq_stats"][0]
+        return z, state["intermediates"]["stats"][0]
 
     def forward(self, h, x):
         return _linen_forward(h.module, h.params, x)
@@ -427,7 +427,7 @@ class _Linen:
         for _ in range(8):
             params, opt_state, loss, grads, inter = train_step(params, opt_state)
             losses.append(float(loss))
-        (stats,) = inter["DEQ_0"]["deq_stats"]
+        (stats,) = inter["DEQ_0"]["stats"]
         return Trained(params, losses, grads, grads["DEQ_0"]["cell"], stats)
 
 

@@ -105,7 +105,7 @@ def _linen_eval(**kw):
                           solver=deq.FixedPointIteration(stall_patience=8), **kw)
     params = layer.init(jax.random.key(0), XL)
     z, aux = layer.apply(params, XL, deterministic=True, mutable=["intermediates"])
-    return z, aux["intermediates"]["deq_stats"][0]
+    return z, aux["intermediates"]["stats"][0]
 
 
 @pytest.mark.parametrize("run", [_nnx_eval, _linen_eval], ids=["nnx", "linen"])
@@ -170,7 +170,7 @@ def test_adaptive_penalty_linen_matches_its_weight():
         params = layer.init(jax.random.key(0), x)
         _, aux = layer.apply(params, x, rngs={"jac_reg": jax.random.key(1)},
                              mutable=["losses", "intermediates"])
-        penalty = float(aux["losses"]["jac_reg"][0])
+        penalty = float(aux["losses"]["jac_loss"][0])
         assert (penalty > 0) == on
 
 

@@ -176,7 +176,7 @@ def test_nnx_and_linen_layers_with_the_same_weights_agree():
     # One compiled function per framework: value, gradients and stats together.
     def linen_loss(p, x):
         z, state = linen_layer.apply({"params": p}, x, mutable=["intermediates"])
-        return jnp.sum(c * z), (z, state["intermediates"]["deq_stats"][0])
+        return jnp.sum(c * z), (z, state["intermediates"]["stats"][0])
 
     (_, (z_linen, stats)), (g_linen, gx_linen) = jax.jit(
         jax.value_and_grad(linen_loss, argnums=(0, 1), has_aux=True))(params, x)
