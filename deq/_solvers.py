@@ -32,6 +32,24 @@ def _bdot(a, b):
 _sg = jax.lax.stop_gradient
 
 
+def _spd_solve(a, b):
+    """``a^{-1} b`` for a batch ``(B, m, m)`` of Hermitian positive definite matrices, by
+    Gaussian elimination without pivoting unrolled over the (static, small) ``m``: a handful of
+    fused elementwise ops instead of a batched LAPACK call."""
+    m = a.shape[-1]
+    for k in range(m - 1):
+        f = a[:, k + 1:, k] / a[:, k, k][:, None]
+        a = a.at[:, k + 1:, :].add(-f[:, :, None] * a[:, k, None, :])
+        b = b.at[:, k + 1:].add(-f * b[:, k, None])
+    x = [None] * m
+    for k in reversed(range(m)):
+        acc = b[:, k]
+        for j in range(k + 1, m):
+            acc = acc - a[:, k, j] * x[j]
+        x[k] = acc / a[:, k, k]
+    return jnp.stack(x, axis=1)
+
+
 class AndersonState(NamedTuple):
     """:class:`Anderson`'s memory: the last ``history`` evaluations, in a ring buffer."""
 
@@ -228,15 +246,10 @@ class Anderson(ForwardSolver):
         # Unused slots get a unit diagonal and no constraint weight, so their alpha is 0.
         a = gram + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
         a = a + jnp.diag(1 - valid)
-        bsz = z.shape[0]
-        # The (B, m+1, m+1) system of the weights: the Gram matrix bordered by the constraint
-        # sum_i alpha_i = 1 (its Lagrange multiplier is the first unknown).
-        top = jnp.concatenate([jnp.zeros((bsz, 1, 1), gram_dtype),
-                               jnp.broadcast_to(valid, (bsz, 1, m))], axis=2)
-        bottom = jnp.concatenate([jnp.broadcast_to(valid[:, None], (bsz, m, 1)), a], axis=2)
-        bordered = jnp.concatenate([top, bottom], axis=1)
-        rhs = jnp.zeros((bsz, m + 1), gram_dtype).at[:, 0].set(1.0)
-        alpha = jnp.linalg.solve(bordered, rhs[..., None])[..., 0][:, 1:]  # (B, m)
+        # min alpha^H G alpha s.t. sum(alpha) = 1: alpha = A^{-1} v / (v^T A^{-1} v), with A
+        # Hermitian positive definite; unused slots have v = 0, so their alpha is 0.
+        x = _spd_solve(a, jnp.broadcast_to(valid, a.shape[:2]))
+        alpha = x / jnp.sum(x, axis=1, keepdims=True)
         ok = jnp.all(jnp.isfinite(alpha), axis=1)
         alpha = jnp.where(ok[:, None], alpha, 0.0).astype(z.dtype)
         mixed_f = jnp.einsum("bi,bid->bd", alpha, f_history)
