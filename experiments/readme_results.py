@@ -70,13 +70,14 @@ def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]
         lines.append(f"  DEQ test samples at equilibrium (relative residual <= 1e-3, all seeds): "
                      f"{_equilibrium(table['runs']['deq'])}."
                      + (f" {_budget_sentence(table['budget'])}" if table.get("budget") else ""))
+    extra = []  # what the set measured beyond the comparison, in one paragraph
     curves = results / name / "compute_accuracy.json"
     if curves.exists():
         c = json.loads(curves.read_text())
         acc = {m: {k: 100 * np.mean([seed[i]["accuracy"] for seed in c[m]])
                    for i, k in enumerate(STEPS_GRID)} for m in c}
-        lines.append(
-            "  Test-time compute (mean over seeds, accuracy at 4 / 12 / 50 forward steps): DEQ "
+        extra.append(
+            "Test-time compute (mean over seeds, accuracy at 4 / 12 / 50 forward steps): DEQ "
             + " / ".join(f"{acc['deq'][k]:.1f}%" for k in (4, 12, 50)) + ", unrolled "
             + " / ".join(f"{acc['unrolled'][k]:.1f}%" for k in (4, 12, 50)) + "."
         )
@@ -85,12 +86,14 @@ def _seeds_lines(name: str, title: str, results: Path, stale: dict) -> list[str]
         sv = json.loads(solvers.read_text())
         ratio = {k: np.mean([s[k]["vs_iteration"] for s in sv]) for k in sv[0]}
         mean = {k: np.mean([s[k]["mean_steps"] for s in sv]) for k in sv[0]}
-        lines.append(
-            f"  Forward solvers on the trained cell (steps to a relative residual of "
+        extra.append(
+            f"Forward solvers on the trained cell (steps to a relative residual of "
             f"{SOLVER_RTOL:g}): plain iteration {mean['FixedPointIteration']:.1f}, Anderson "
             f"{mean['Anderson']:.1f} ({ratio['Anderson']:.2f}x), Broyden {mean['Broyden']:.1f} "
             f"({ratio['Broyden']:.2f}x)."
         )
+    if extra:
+        lines.append("  " + " ".join(extra))
     return lines
 
 
@@ -136,7 +139,7 @@ def _bench_core_lines(results: Path, stale: dict) -> list[str]:
         fw = {r["key"]: r["ratio_vs_iteration"] for r in res["forward"]}
         rel = path.relative_to(results)
         lines.append(
-            f"- **Core benchmark**, conv cell, batch {c['batch']}, {c['channels']} channels, "
+            f"batch {c['batch']}, {c['channels']} channels, "
             f"precision {c['precision']} ([{path.stem}](experiments/results/"
             f"{rel.with_suffix('.md')}); "
             f"{_prov_line(res['provenance'], stale.get(rel.parts[0]), '')}): fastest implicit "
@@ -146,7 +149,7 @@ def _bench_core_lines(results: Path, stale: dict) -> list[str]:
             f"Anderson needs {fw['anderson']:.2f}x and Broyden {fw['broyden']:.2f}x the steps of "
             f"plain iteration on this random-kernel cell{_before_after(path, res)}."
         )
-    return lines
+    return ["- **Core benchmark**, a conv cell, per machine: " + " ".join(lines)] if lines else []
 
 
 def _bench_derivatives_lines(results: Path, stale: dict) -> list[str]:
@@ -172,12 +175,12 @@ def _bench_derivatives_lines(results: Path, stale: dict) -> list[str]:
                          f"{i['temp_bytes'] / 2**20:.0f} MiB (error {i['rel_error']:.0e}); "
                          f"unrolled {vs}")
         lines.append(
-            f"- **Derivatives beyond the gradient**, the core benchmark's cell, batch "
-            f"{c['batch']}, {c['channels']} channels ([{path.stem}](experiments/results/"
+            f"batch {c['batch']}, {c['channels']} channels ([{path.stem}](experiments/results/"
             f"{rel.with_suffix('.md')}); "
             f"{_prov_line(res['provenance'], stale.get(rel.parts[0]), '')}"
-            f"): " + "; ".join(parts) + ". Errors are against a tight implicit reference.")
-    return lines
+            f"): " + "; ".join(parts) + ".")
+    return ["- **Derivatives beyond the gradient**, the core benchmark's cell, errors against a "
+            "tight implicit reference, per machine: " + " ".join(lines)] if lines else []
 
 
 def _bench_eager_lines(results: Path, stale: dict) -> list[str]:

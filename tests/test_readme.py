@@ -56,4 +56,4 @@ def test_readme_speaks_to_users():
     text = README.read_text()
     for word in ("session", "issue #", "../shared", "/work/"):
         assert word not in text, word
-    assert len(text.splitlines()) <= 280
+    assert len(text.splitlines()) <= 250
