@@ -403,12 +403,12 @@ def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any, ke
     stats = LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats), options.trace_length)
     if options.training and options.warn_after is not None:
         _watch_unconverged(options, cell.name, stats)
-    z, penalty = sol.value, jnp.zeros((), jnp.float32)
+    penalty, grads = jnp.zeros((), jnp.float32), None
     if options.jac_reg_samples:
-        z, penalty = _stabiliser.stabilise(cell, options, z, state, x,
-                                           _stabiliser.input_key(x) if key is None else key,
-                                           stats)
-    return z, stats, penalty
+        penalty, grads = _stabiliser.penalty(
+            cell, options, sol.value, state, x,
+            _stabiliser.input_key(x) if key is None else key, stats)
+    return sol.value, stats, penalty, grads
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
@@ -420,8 +420,10 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     """The layer's fixed point ``z*`` of ``x``, the :class:`LayerStats` of its solve and the
     stabiliser's weighted penalty (float32, no gradient; 0 when ``options`` leave it out).
 
-    The stabiliser (:func:`deq._stabiliser.stabilise`) runs in the same pass, its probes
-    drawn from ``key``, or from a key derived from ``x`` when ``key`` is None.
+    The stabiliser's penalty and its gradient (:func:`deq._stabiliser.penalty`) are computed
+    in the same pass, its probes drawn from ``key``, or from a key derived from ``x`` when
+    ``key`` is None; the gradient is attached to ``z*`` after it (a custom VJP, which a
+    forward-mode transform of the whole pass could not go through).
 
     ``cell`` is a hashable adapter with ``cell(state, z, x)``, ``cell.method(state, name, x)``,
     ``cell.module(state)`` (an object to look ``state_shape``/methods up on) and ``cell.name``.
@@ -429,8 +431,12 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     on them: eager calls reuse its compilation, traced calls inline it.
     """
     if is_hashable(cell, options):
-        return _forward_jit(cell, options, state, x, probe, key)
-    return _forward(cell, options, state, x, probe, key)
+        z, stats, penalty, grads = _forward_jit(cell, options, state, x, probe, key)
+    else:
+        z, stats, penalty, grads = _forward(cell, options, state, x, probe, key)
+    if grads is not None:
+        z = _stabiliser.attach(z, state, x, grads)
+    return z, stats, penalty
 
 
 # ---------------------------------------------------------------------------------------------

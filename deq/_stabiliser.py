@@ -1,6 +1,7 @@
 """The layers' stabiliser: the Jacobian penalty (Bai et al., 2021) applied through the gradient
-of the layer's output (:func:`stabilise`), with a fixed or an adaptive weight, and the probe
-key derived from the call's input when no random stream is given (:func:`input_key`)."""
+of the layer's output (:func:`penalty`, then :func:`attach`), with a fixed or an adaptive weight,
+and the probe key derived from the call's input when no random stream is given
+(:func:`input_key`)."""
 
 from __future__ import annotations
 
@@ -68,19 +69,15 @@ def _attach_bwd(grads, g):
 _attach.defvjp(_attach_fwd, _attach_bwd)
 
 
-def stabilise(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
-              key: jax.Array, stats: Any):
-    """Apply the Jacobian penalty (Bai et al., 2021) through the gradient: returns ``(z, wR)``
-    where ``z`` is unchanged in value and reverse-mode differentiation of anything computed
-    from it adds ``w dR/d(state, x)`` to the gradient -- as if ``w R`` had been added to the
-    loss, once per backward pass, with no change to the user's loss. Forward-mode transforms
-    see ``z`` without it. ``R`` is
-    :func:`jacobian_regularization` at the fixed point (held constant) with
-    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a per-sample
-    mean, so still unbiased; its second-order pass -- the costly part -- shrinks with the
-    batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function of
-    ``stats.num_steps`` (0: nothing computed). ``wR`` (float32, no gradient) is for logging.
-    """
+def penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array, key: jax.Array,
+            stats: Any):
+    """The Jacobian penalty (Bai et al., 2021) of a layer's solve: ``(wR, grads)``, ``wR``
+    (float32) for logging and ``grads = w dR/d(state, x)``, both without gradient, for
+    :func:`attach`. ``R`` is :func:`jacobian_regularization` at the fixed point ``z`` (held
+    constant) with ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a
+    per-sample mean, so still unbiased; its second-order pass -- the costly part -- shrinks
+    with the batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function
+    of ``stats.num_steps`` (0: nothing computed)."""
     sub = options.jac_reg_batch if options.batched else None  # unbatched: no batch to subsample
     weight = jac_reg_weight(options)
     if isinstance(weight, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
@@ -91,16 +88,24 @@ def stabilise(cell: Any, options: Any, z: Any, state: Any, x: jax.Array,
             int(options.max_steps))
     run = _penalty_gradient_jit if is_hashable(*args) else _penalty_gradient
     value, grads = run(*args, z, state, x, key, stats.num_steps)
-    grads = jax.lax.stop_gradient(grads)
+    return jax.lax.stop_gradient(value), jax.lax.stop_gradient(grads)
+
+
+def attach(z: Any, state: Any, x: jax.Array, grads: Any):
+    """``z`` unchanged in value; reverse-mode differentiation of anything computed from it
+    adds ``grads`` (from :func:`penalty`) to the gradient of ``(state, x)`` -- as if ``wR`` had
+    been added to the loss, once per backward pass, with no change to the user's loss.
+    Forward-mode transforms see ``z`` without it. Call it outside any ``jax.jit`` that a
+    forward-mode transform may see whole (a custom VJP cannot be linearised)."""
     try:
-        z = _attach(z, state, x, grads)
+        return _attach(z, state, x, grads)
     except TypeError as e:
         # Forward mode (jvp, jacfwd, the outer pass of hessian) cannot go through a custom
         # VJP: it sees the layer without the stabiliser, which changes no value and only
         # ever adds to reverse-mode gradients.
         if "forward-mode" not in str(e):
             raise
-    return z, jax.lax.stop_gradient(value)
+        return z
 
 
 def input_key(x: jax.Array) -> jax.Array:
