@@ -70,7 +70,10 @@ jac_reg_samples: the stabiliser, on by default: Hutchinson probes of the Jacobia
   adds the weighted penalty's gradient to the gradient of any loss computed from its output,
   as if it were a term of that loss: nothing to add by hand. It keeps the cell contractive,
   so that training and evaluation solves keep converging. It acts on reverse-mode gradients
-  only: forward-mode transforms (``jvp``, ``jacfwd``) see the layer without it.
+  only: forward-mode transforms (``jvp``, ``jacfwd``) of the call see the layer without it,
+  but not through a ``jit`` of your own around a training-mode call (JAX cannot linearise
+  its custom VJP there): evaluate (``model.eval()``, ``deterministic=True``) or set
+  ``jac_reg_samples=0`` for forward mode inside ``jit``.
 jac_reg_batch: the penalty uses only the first ``jac_reg_batch`` samples of a batched call
   (default 32; None: all; still unbiased, and its second-order pass is the costly part).
 jac_reg_weight: the penalty's weight: ``"auto"`` (default; a
@@ -258,7 +261,7 @@ class CallOptions(NamedTuple):
     trace_length: int
     training: bool
     warn_after: int | None
-    # The stabiliser (applied when jac_reg_samples > 0; see _stabiliser.stabilise).
+    # The stabiliser (applied when jac_reg_samples > 0; see _stabiliser.penalty and attach).
     jac_reg_samples: int = 0
     jac_reg_batch: int | None = None
     jac_reg_weight: Any = 0.0
@@ -283,11 +286,22 @@ class CallOptions(NamedTuple):
             max_steps=int(max_steps), trace_length=trace_length(options),
             training=not deterministic,
             warn_after=None if warn is None or not watch else int(warn),
-            jac_reg_samples=int(options.jac_reg_samples) if stabilise and not deterministic
-            else 0,
-            jac_reg_batch=None if options.jac_reg_batch is None else int(options.jac_reg_batch),
-            jac_reg_weight=options.jac_reg_weight,
+            **_stabiliser_options(options, stabilise and not deterministic),
         )
+
+
+def _stabiliser_options(options: Any, on: bool) -> dict:
+    """The stabiliser's fields of :class:`CallOptions`: normalised, so that they hash (a
+    numpy or concrete JAX weight becomes a float), and neutral when it is off."""
+    samples = int(options.jac_reg_samples) if on else 0
+    if not samples:
+        return dict(jac_reg_samples=0, jac_reg_batch=None, jac_reg_weight=0.0)
+    w = options.jac_reg_weight
+    return dict(
+        jac_reg_samples=samples,
+        jac_reg_batch=None if options.jac_reg_batch is None else int(options.jac_reg_batch),
+        jac_reg_weight=w if isinstance(w, (str, AdaptiveWeight)) else float(w),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ def _bdot(a, b):
 _sg = jax.lax.stop_gradient
 
 
+# Up to this history length Anderson's weights come from _spd_solve (unrolled, ~m^2/2 fused
+# ops); beyond it, from a batched LAPACK solve.
+_UNROLLED_SOLVE_MAX = 16
+
+
 def _spd_solve(a, b):
     """``a^{-1} b`` for a batch ``(B, m, m)`` of Hermitian positive definite matrices, by
     Gaussian elimination without pivoting unrolled over the (static, small) ``m``: a handful of
@@ -244,13 +249,21 @@ class Anderson(ForwardSolver):
         scale = jnp.sum(jnp.real(jnp.diagonal(gram, axis1=1, axis2=2)), axis=1) / jnp.sum(valid)
         eye = jnp.eye(m, dtype=gram_dtype)
         # Unused slots get a unit diagonal and no constraint weight, so their alpha is 0.
-        a = gram + eye * (self.ridge * scale + jnp.finfo(gram_dtype).tiny)[:, None, None]
-        a = a + jnp.diag(1 - valid)
+        # A floor of eps relative to the scale keeps A positive definite with ridge=0 and
+        # collinear residuals; tiny, when every stored residual is exactly 0.
+        finfo = jnp.finfo(gram_dtype)
+        floor = (self.ridge + finfo.eps) * scale + finfo.tiny
+        a = gram + eye * floor[:, None, None] + jnp.diag(1 - valid)
         # min alpha^H G alpha s.t. sum(alpha) = 1: alpha = A^{-1} v / (v^T A^{-1} v), with A
         # Hermitian positive definite; unused slots have v = 0, so their alpha is 0.
-        x = _spd_solve(a, jnp.broadcast_to(valid, a.shape[:2]))
-        alpha = x / jnp.sum(x, axis=1, keepdims=True)
-        ok = jnp.all(jnp.isfinite(alpha), axis=1)
+        v = jnp.broadcast_to(valid, a.shape[:2])
+        x = _spd_solve(a, v) if m <= _UNROLLED_SOLVE_MAX else jnp.linalg.solve(
+            a, v[..., None])[..., 0]
+        # Normalised before the sum, which would overflow when A is tiny (zero residuals).
+        x = x / jnp.max(jnp.abs(x), axis=1, keepdims=True)
+        total = jnp.sum(x, axis=1, keepdims=True)
+        alpha = x / total
+        ok = jnp.all(jnp.isfinite(alpha), axis=1) & (jnp.abs(total[:, 0]) > 0)
         alpha = jnp.where(ok[:, None], alpha, 0.0).astype(z.dtype)
         mixed_f = jnp.einsum("bi,bid->bd", alpha, f_history)
         if self.mixing == 1:

@@ -67,6 +67,9 @@ def _attach_bwd(grads, g):
 
 
 _attach.defvjp(_attach_fwd, _attach_bwd)
+# Jitted: an eager custom-VJP call retraces its function every time (tens of ms for a conv
+# cell's parameters); under an outer jit this inlines.
+_attach_jit = jax.jit(_attach)
 
 
 def penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array, key: jax.Array,
@@ -98,7 +101,7 @@ def attach(z: Any, state: Any, x: jax.Array, grads: Any):
     Forward-mode transforms see ``z`` without it. Call it outside any ``jax.jit`` that a
     forward-mode transform may see whole (a custom VJP cannot be linearised)."""
     try:
-        return _attach(z, state, x, grads)
+        return _attach_jit(z, state, x, grads)
     except TypeError as e:
         # Forward mode (jvp, jacfwd, the outer pass of hessian) cannot go through a custom
         # VJP: it sees the layer without the stabiliser, which changes no value and only

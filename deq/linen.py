@@ -102,10 +102,10 @@ class DEQ(nn.Module):
       shapes do not depend on the batch size;
     * ``"losses"``: ``"jac_loss"``, the value (for logging, no gradient) of ``jac_reg_weight``
       times the Jacobian penalty :func:`deq.regularization.jacobian_regularization` at
-      :math:`z^*`, when ``jac_reg_samples > 0``, the call is not ``deterministic`` and
-      ``"losses"`` is mutable. The penalty itself enters the gradient of any loss of the
-      layer's output whether or not the collection is mutable: nothing to add to the loss. Its
-      probes come from the ``"jac_reg"`` rng stream, else from a key derived from ``x``.
+      :math:`z^*`, when ``jac_reg_samples > 0``, the call is neither ``deterministic`` nor
+      ``init`` and ``"losses"`` is mutable. The penalty itself enters the gradient of any loss
+      of the layer's output whether or not the collection is mutable: nothing to add to the
+      loss. Its probes come from the ``"jac_reg"`` rng stream, else from a key derived from ``x``.
 
     The names match :class:`deq.nnx.DEQ`'s ``layer.stats`` and ``layer.jac_loss``.
 

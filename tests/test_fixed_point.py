@@ -500,3 +500,23 @@ def test_anderson_gram_matrix_stays_exact_when_its_history_wraps(x64):
             np.testing.assert_allclose(gram, jnp.einsum("bid,bjd->bij", gs, gs), atol=1e-12)
             np.testing.assert_allclose(gram, jnp.swapaxes(gram, 1, 2), atol=0)
         assert int(state.num_stored) == 8 and bool(jnp.all(jnp.isfinite(z)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_anderson_stays_on_an_exact_fixed_point_in_the_unrolled_loop(dtype):
+    # Every stored residual exactly 0 (a Gram matrix of zeros): the weights must stay a
+    # convex combination, not collapse to 0 (the unrolled loop does not freeze samples).
+    c = jnp.ones((2, 3), dtype)
+    sol = deq.fixed_point(lambda z, c: c, c, c, solver=deq.Anderson(history=5),
+                          adjoint=deq.UnrolledAdjoint(), max_steps=8, batched=True)
+    np.testing.assert_array_equal(np.asarray(sol.value, np.float32), 1.0)
+
+
+def test_anderson_with_no_ridge_and_collinear_residuals_still_converges():
+    # A linear map whose residuals stay collinear: with ridge=0 the Gram matrix is singular.
+    f = lambda z, a: 0.5 * z + a  # noqa: E731
+    a = jnp.full((1, 4), 2.0)
+    sol = deq.fixed_point(f, jnp.zeros_like(a), a, solver=deq.Anderson(ridge=0.0, rtol=1e-6),
+                          max_steps=30, batched=True)
+    assert bool(sol.stats.converged)
+    np.testing.assert_allclose(np.asarray(sol.value), 4.0, rtol=1e-5)
