@@ -265,6 +265,9 @@ class CallOptions(NamedTuple):
     jac_reg_samples: int = 0
     jac_reg_batch: int | None = None
     jac_reg_weight: Any = 0.0
+    # Whether the penalty's gradient is needed: False for a call on concrete arrays, whose
+    # output nothing can differentiate (the penalty's value is still computed for logging).
+    jac_reg_grad: bool = True
 
     @classmethod
     def make(cls, layer: str, options: Any, deterministic: bool, *,
@@ -421,7 +424,7 @@ def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any, ke
     if options.jac_reg_samples:
         penalty, grads = _stabiliser.penalty(
             cell, options, sol.value, state, x,
-            _stabiliser.input_key(x) if key is None else key, stats)
+            _stabiliser.input_key(x) if key is None else key, stats, options.jac_reg_grad)
     return sol.value, stats, penalty, grads
 
 
@@ -444,6 +447,9 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     When the adapter and options hash (the usual case), the pass runs in a ``jax.jit`` keyed
     on them: eager calls reuse its compilation, traced calls inline it.
     """
+    if options.jac_reg_samples and not any(
+            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((state, x))):
+        options = options._replace(jac_reg_grad=False)  # an eager call: nothing to attach to
     if is_hashable(cell, options):
         z, stats, penalty, grads = _forward_jit(cell, options, state, x, probe, key)
     else:

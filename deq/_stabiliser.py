@@ -16,9 +16,9 @@ from deq.regularization import AdaptiveWeight, jacobian_regularization
 
 
 def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight: Any,
-                      max_steps: int, z, state, x, key, num_steps):
-    """The weighted penalty ``w R`` and its gradient in ``(state, x)``, the fixed point held
-    constant; zeros, and no work, when the weight is 0."""
+                      max_steps: int, with_grad: bool, z, state, x, key, num_steps):
+    """The weighted penalty ``w R`` and its gradient in ``(state, x)`` (None without
+    ``with_grad``), the fixed point held constant; zeros, and no work, when the weight is 0."""
     fn = lambda z, args: cell(args[0], z, args[1])
     zc = jax.lax.stop_gradient(z)
     if sub_batch is not None:
@@ -32,6 +32,15 @@ def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight
     def off(state, x):
         zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
         return jnp.zeros((), jnp.float32), (zeros(state), zeros(x))
+
+    if not with_grad:  # the value only, for logging: no second-order pass
+        off_value, grads_of = (lambda state, x: jnp.zeros((), jnp.float32)), None
+        on_value = lambda w: (lambda state, x: w * value(state, x))  # noqa: E731
+        if not isinstance(weight, AdaptiveWeight):
+            run = off_value if weight == 0 or empty else on_value(jnp.float32(weight))
+            return run(state, x), grads_of
+        w = weight(num_steps, max_steps)
+        return jax.lax.cond(w > 0, on_value(w), off_value, state, x), grads_of
 
     def on(w):
         def run(state, x):
@@ -48,7 +57,7 @@ def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight
     return jax.lax.cond(w > 0, on(w), off, state, x)
 
 
-_penalty_gradient_jit = jax.jit(_penalty_gradient, static_argnums=(0, 1, 2, 3, 4))
+_penalty_gradient_jit = jax.jit(_penalty_gradient, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
 @jax.custom_vjp
@@ -73,14 +82,15 @@ _attach_jit = jax.jit(_attach)
 
 
 def penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array, key: jax.Array,
-            stats: Any):
+            stats: Any, with_grad: bool = True):
     """The Jacobian penalty (Bai et al., 2021) of a layer's solve: ``(wR, grads)``, ``wR``
     (float32) for logging and ``grads = w dR/d(state, x)``, both without gradient, for
-    :func:`attach`. ``R`` is :func:`jacobian_regularization` at the fixed point ``z`` (held
-    constant) with ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a
-    per-sample mean, so still unbiased; its second-order pass -- the costly part -- shrinks
-    with the batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function
-    of ``stats.num_steps`` (0: nothing computed)."""
+    :func:`attach` (None without ``with_grad``: a call that nothing can differentiate).
+    ``R`` is :func:`jacobian_regularization` at the fixed point ``z`` (held constant) with
+    ``jac_reg_samples`` probes, on the first ``jac_reg_batch`` samples if set (a per-sample
+    mean, so still unbiased; its second-order pass -- the costly part -- shrinks with the
+    batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function of
+    ``stats.num_steps`` (0: nothing computed)."""
     sub = options.jac_reg_batch if options.batched else None  # unbatched: no batch to subsample
     weight = jac_reg_weight(options)
     if isinstance(weight, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
@@ -88,7 +98,7 @@ def penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array, key: jax.
         # its contract, so the adaptive weight has nothing to go by.
         weight = 0.0
     args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub), weight,
-            int(options.max_steps))
+            int(options.max_steps), bool(with_grad))
     run = _penalty_gradient_jit if is_hashable(*args) else _penalty_gradient
     value, grads = run(*args, z, state, x, key, stats.num_steps)
     return jax.lax.stop_gradient(value), jax.lax.stop_gradient(grads)

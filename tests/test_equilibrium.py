@@ -162,6 +162,22 @@ def test_adaptive_penalty_is_zero_for_easy_solves_and_on_for_hard_ones_nnx():
         nnx.grad(loss)(easy)))
 
 
+def test_an_eager_call_logs_the_same_penalty_as_a_traced_one_without_its_gradient():
+    # On concrete arrays nothing can differentiate the output: the penalty's value is logged
+    # (the same as under jit) and its second-order gradient pass is skipped.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4)), jnp.float32)
+
+    def layer():
+        return deq.nnx.DEQ(deq.cells.nnx.MLPCell(4, 8, rngs=nnx.Rngs(0)), max_steps=2,
+                           jac_reg_samples=1, jac_reg_weight=1.0)
+
+    eager, traced = layer(), layer()
+    eager(x)
+    nnx.jit(lambda m, x: m(x))(traced, x)
+    assert float(eager.jac_loss[...]) > 0
+    assert float(eager.jac_loss[...]) == pytest.approx(float(traced.jac_loss[...]), rel=1e-5)
+
+
 def test_adaptive_penalty_linen_matches_its_weight():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4)), jnp.float32)
     for max_steps, on in ((30, False), (2, True)):
