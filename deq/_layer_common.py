@@ -1,7 +1,7 @@
 """What the NNX and Linen DEQ layers share: option checks, the starting point, the solve (compiled
-once per static configuration) and the warning about training solves that keep failing (the
-stabiliser is in ``_stabiliser.py``, the messages that reject stateful cells in
-``_stateful.py``).
+once per static configuration) (the stabiliser is in ``_stabiliser.py``, the warning about
+training solves that keep failing in ``_unconverged.py``, the messages that reject stateful
+cells in ``_stateful.py``).
 
 Both layers reduce a call to :func:`forward` with a hashable *cell adapter* ``cell`` that
 applies the cell functionally, ``cell(state, z, x)``, and a hashable :class:`CallOptions`:
@@ -15,8 +15,6 @@ and options instead of on every call. Under an outer ``jit`` the inner one is in
 from __future__ import annotations
 
 import dataclasses
-import functools
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +28,7 @@ from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats, trace_size
 from deq._solvers import Anderson, Broyden, ForwardSolver
 from deq._stateful import StatefulCellError
+from deq._unconverged import watch_unconverged
 from deq._validate import (
     check_bool,
     check_float,
@@ -419,7 +418,7 @@ def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any, ke
     )
     stats = LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats), options.trace_length)
     if options.training and options.warn_after is not None:
-        _watch_unconverged(options, cell.name, stats)
+        watch_unconverged(options, cell.name, stats)
     penalty, grads = jnp.zeros((), jnp.float32), None
     if options.jac_reg_samples:
         penalty, grads = _stabiliser.penalty(
@@ -457,57 +456,3 @@ def forward(cell: Any, options: CallOptions, state: Any, x: Any,
     if grads is not None:
         z = _stabiliser.attach(z, state, x, grads)
     return z, stats, penalty
-
-
-# ---------------------------------------------------------------------------------------------
-# One warning when a layer's training solves keep failing.
-
-class UnconvergedWarning(UserWarning):
-    """A DEQ layer's training solves keep stopping before they converge."""
-
-
-# Unconverged training solves seen so far in this process, per (layer class, cell class,
-# threshold): the warning is shown once per process for each such kind of layer.
-_unconverged_counts: dict[tuple, int] = {}
-
-
-def _watch_unconverged(options: CallOptions, cell_name: str, stats: LayerStats) -> None:
-    """Count unconverged training solves on the host; no callback when the solve converged
-    (``lax.cond``; under ``vmap`` both branches run, so the host checks ``converged`` too)."""
-    key = (options.layer, cell_name, options.warn_after)
-    report = functools.partial(_count_unconverged, key, options.max_steps)
-    jax.lax.cond(
-        stats.converged,
-        lambda s: None,
-        lambda s: jax.debug.callback(report, s.converged, s.result, s.rel_residual,
-                                     s.num_steps),
-        stats,
-    )
-
-
-def _count_unconverged(key: tuple, max_steps: int, converged, result, rel_residual,
-                       num_steps) -> None:
-    converged = np.asarray(converged)
-    if converged.all():
-        return
-    layer, cell_name, threshold = key
-    count = _unconverged_counts[key] = _unconverged_counts.get(key, 0) + 1
-    if count != threshold:
-        return
-    worst = int(np.argmax(np.asarray(rel_residual).reshape(-1)))
-    result = int(np.asarray(result).reshape(-1)[worst])
-    rel = float(np.asarray(rel_residual).reshape(-1)[worst])
-    steps = int(np.asarray(num_steps).reshape(-1)[worst])
-    warnings.warn(
-        f"{layer} with cell {cell_name}: {count} training solves have stopped without "
-        f"converging (the latest: {RESULTS.describe(result)}, relative residual {rel:.1e} "
-        f"after {steps} of max_steps={max_steps} steps). The model then trains on points "
-        f"that are not equilibria, and its gradients are inexact. Things to try: a stronger "
-        f"Jacobian stabiliser (jac_reg_samples >= 1 with jac_reg_weight=1.0, or "
-        f"deq.regularization.AdaptiveWeight(max_weight=3.0)); "
-        f"weight normalisation of the cell's linear maps/convolutions and GroupNorm in the "
-        f"cell; a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
-        f"once; the layer's stats report every solve.",
-        UnconvergedWarning,
-        stacklevel=2,
-    )

@@ -12,7 +12,7 @@ import jax
 from flax.errors import InvalidRngError
 
 from deq import _layer_common as common
-from deq import _stateful
+from deq import _stateful, _unconverged
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
@@ -21,7 +21,7 @@ from deq.regularization import AdaptiveWeight
 _NAME = "deq.linen.DEQ"
 
 LayerStats = common.LayerStats
-UnconvergedWarning = common.UnconvergedWarning
+UnconvergedWarning = _unconverged.UnconvergedWarning
 
 _STATEFUL = ((nn.BatchNorm, "BatchNorm"), (nn.Dropout, "Dropout"),
              (nn.SpectralNorm, "SpectralNorm"))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deq import _layer_common as common
-from deq import _stateful
+from deq import _stateful, _unconverged
 from deq._adjoint import Adjoint
 from deq._docs import with_shared_doc
 from deq._solvers import ForwardSolver
@@ -21,7 +21,7 @@ _NAME = "deq.nnx.DEQ"
 
 
 LayerStats = common.LayerStats
-UnconvergedWarning = common.UnconvergedWarning
+UnconvergedWarning = _unconverged.UnconvergedWarning
 
 
 class DEQStats(nnx.Variable):

@@ -17,6 +17,7 @@ import deq
 import deq.linen
 import deq.nnx
 from deq import _layer_common as common
+from deq import _unconverged
 from deq.cells import linen as linen_cells
 from deq.cells.nnx import MLPCell
 
@@ -258,7 +259,7 @@ def test_linen_deterministic_may_be_passed_to_the_call():
 
 
 def test_warns_once_when_training_solves_keep_failing():
-    common._unconverged_counts.clear()
+    _unconverged.unconverged_counts.clear()
     layer, x, _ = NNX.mlp(solver=deq.FixedPointIteration(), max_steps=2,
                           warn_unconverged_after=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -271,19 +272,19 @@ def test_warns_once_when_training_solves_keep_failing():
     message = str(found[0].message)
     assert "3 training solves" in message and "max_steps" in message and "Jacobian" in message
     # Evaluation calls are not counted (only training solves are watched).
-    common._unconverged_counts.clear()
+    _unconverged.unconverged_counts.clear()
     layer = NNX.evaluating(layer)
     for _ in range(4):
         NNX.forward(layer, x)
     jax.effects_barrier()
-    assert not common._unconverged_counts
+    assert not _unconverged.unconverged_counts
     # Unrolled backprop runs a fixed number of steps: its solves are not watched either.
     layer, x, _ = NNX.mlp(solver=deq.FixedPointIteration(), adjoint=deq.UnrolledAdjoint(),
                           max_steps=2, warn_unconverged_after=1)
     for _ in range(3):
         NNX.forward(layer, x)
     jax.effects_barrier()
-    assert not common._unconverged_counts
+    assert not _unconverged.unconverged_counts
 
 
 # ---- options --------------------------------------------------------------------------------
