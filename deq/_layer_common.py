@@ -299,10 +299,16 @@ def _stabiliser_options(options: Any, on: bool) -> dict:
     if not samples:
         return dict(jac_reg_samples=0, jac_reg_batch=None, jac_reg_weight=0.0)
     w = options.jac_reg_weight
+    if isinstance(w, str):  # "auto", the only string the layer accepts
+        w = AdaptiveWeight()
+    if isinstance(w, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
+        # A fixed number of unrolled steps always "spends its budget": convergence is not
+        # its contract, so the adaptive weight has nothing to go by.
+        w = 0.0
     return dict(
         jac_reg_samples=samples,
         jac_reg_batch=None if options.jac_reg_batch is None else int(options.jac_reg_batch),
-        jac_reg_weight=w if isinstance(w, (str, AdaptiveWeight)) else float(w),
+        jac_reg_weight=w if isinstance(w, AdaptiveWeight) else float(w),
     )
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deq._adjoint import UnrolledAdjoint
 from deq._validate import is_hashable
 from deq.regularization import AdaptiveWeight, jacobian_regularization
 
@@ -31,19 +30,13 @@ def _penalty_gradient(cell: Any, num_samples: int, sub_batch: int | None, weight
 
     def off(state, x):
         zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
-        return jnp.zeros((), jnp.float32), (zeros(state), zeros(x))
-
-    if not with_grad:  # the value only, for logging: no second-order pass
-        off_value, grads_of = (lambda state, x: jnp.zeros((), jnp.float32)), None
-        on_value = lambda w: (lambda state, x: w * value(state, x))  # noqa: E731
-        if not isinstance(weight, AdaptiveWeight):
-            run = off_value if weight == 0 or empty else on_value(jnp.float32(weight))
-            return run(state, x), grads_of
-        w = weight(num_steps, max_steps)
-        return jax.lax.cond(w > 0, on_value(w), off_value, state, x), grads_of
+        v = jnp.zeros((), jnp.float32)
+        return (v, (zeros(state), zeros(x))) if with_grad else (v, None)
 
     def on(w):
         def run(state, x):
+            if not with_grad:  # the value only, for logging: no second-order pass
+                return w * value(state, x), None
             v, grads = jax.value_and_grad(value, argnums=(0, 1))(state, x)
             return w * v, jax.tree_util.tree_map(lambda g: (w * g).astype(g.dtype), grads)
         return run
@@ -92,11 +85,7 @@ def penalty(cell: Any, options: Any, z: Any, state: Any, x: jax.Array, key: jax.
     batch); ``w`` is ``jac_reg_weight``, or with an :class:`AdaptiveWeight` a function of
     ``stats.num_steps`` (0: nothing computed)."""
     sub = options.jac_reg_batch if options.batched else None  # unbatched: no batch to subsample
-    weight = jac_reg_weight(options)
-    if isinstance(weight, AdaptiveWeight) and isinstance(options.adjoint, UnrolledAdjoint):
-        # A fixed number of unrolled steps always "spends its budget": convergence is not
-        # its contract, so the adaptive weight has nothing to go by.
-        weight = 0.0
+    weight = options.jac_reg_weight  # a float or an AdaptiveWeight (CallOptions.make)
     args = (cell, int(options.jac_reg_samples), None if sub is None else int(sub), weight,
             int(options.max_steps), bool(with_grad))
     run = _penalty_gradient_jit if is_hashable(*args) else _penalty_gradient
@@ -126,9 +115,3 @@ def input_key(x: jax.Array) -> jax.Array:
     stream is given: it changes from batch to batch, and the layer keeps no random state."""
     total = jnp.sum(jnp.abs(x)).astype(jnp.float32)
     return jax.random.fold_in(jax.random.key(0), jax.lax.bitcast_convert_type(total, jnp.int32))
-
-
-def jac_reg_weight(options: Any) -> float | AdaptiveWeight:
-    """``jac_reg_weight`` as a float or an :class:`AdaptiveWeight` (``"auto"``)."""
-    w = options.jac_reg_weight
-    return AdaptiveWeight() if isinstance(w, str) else w

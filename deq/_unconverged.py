@@ -55,10 +55,21 @@ def count_unconverged(key: tuple, max_steps: int, converged, result, rel_residua
         f"after {steps} of max_steps={max_steps} steps). The model then trains on points "
         f"that are not equilibria, and its gradients are inexact. Things to try: a stronger "
         f"Jacobian stabiliser (jac_reg_samples >= 1 with jac_reg_weight=1.0, or "
-        f"deq.regularization.AdaptiveWeight(max_weight=3.0)); "
-        f"weight normalisation of the cell's linear maps/convolutions and GroupNorm in the "
-        f"cell; a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
+        f"deq.regularization.AdaptiveWeight(max_weight=3.0)); {_cell_advice(cell_name)}"
+        f"a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
         f"once; the layer's stats report every solve.",
         UnconvergedWarning,
         stacklevel=2,
     )
+
+
+# The package's cells that are already weight-normalised, with per-sample GroupNorm.
+_NORMALISED_CELLS = ("MDEQCell", "MultiscaleMDEQCell")
+
+
+def _cell_advice(cell_name: str) -> str:
+    """Advice on the cell itself, unless it is one of the package's normalised cells."""
+    if cell_name.rsplit(".", 1)[-1] in _NORMALISED_CELLS:
+        return ""
+    return ("weight normalisation of the cell's linear maps/convolutions and GroupNorm in "
+            "the cell; ")

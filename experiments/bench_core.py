@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -32,7 +31,7 @@ import numpy as np
 import deq
 from deq.cells import conv2d_same
 from experiments.models import make_solver
-from experiments.provenance import provenance
+from experiments.provenance import provenance, write_results
 
 RTOL, TARGET_STEPS = 1e-4, 30  # tolerance; plain-iteration steps the kernel scale is set to
 DAMPING, HISTORY = 0.5, 5  # of the damped iteration; Anderson's history (deq and jaxopt)
@@ -440,13 +439,10 @@ def run_and_save(a, name: str, run, to_markdown) -> dict:
     with jax.default_matmul_precision(a.precision), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # failed solves show in the tables
         res = run(a)
-    stem = a.out / (f"{name}_{res['provenance']['machine']['backend']}_b{a.batch}_"
-                    f"c{a.channels}_s{a.size}_{a.conv_vjp}_{a.precision}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(md := to_markdown(res))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    (a.out / "provenance.json").write_text(json.dumps(res["provenance"], indent=1) + "\n")
-    print(f"{md}\nwrote {stem}.md and .json")
+    stem = (f"{name}_{res['provenance']['machine']['backend']}_b{a.batch}_"
+             f"c{a.channels}_s{a.size}_{a.conv_vjp}_{a.precision}")
+    write_results(a.out, stem, to_markdown(res), res, res["provenance"])
+    print(f"wrote {a.out / stem}.md and .json")
     return res
 
 

@@ -31,7 +31,8 @@ CONFIGS = ("configs/digits_deq.py", "configs/digits_unrolled.py")
 VARIANTS = ("1 process", "2 processes", "8 CPU devices")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost now, for a coordinator address."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -52,7 +53,7 @@ def run_variant(root: Path, config: str, variant: str, epochs: int, workdir: Pat
     env.pop("XLA_FLAGS", None)
     wd = workdir / f"{Path(config).stem}_{variant.replace(' ', '_')}"
     if variant == "2 processes":
-        port = _free_port()
+        port = free_port()
         procs = [_launch(root, config, wd, overrides, env,
                          ["--distributed", f"--coordinator_address=localhost:{port}",
                           "--num_processes=2", f"--process_id={i}"]) for i in range(2)]
@@ -98,21 +99,15 @@ def main(argv=None) -> list[dict]:
     workdir = Path(a.workdir).resolve()
     rows = [run_variant(root, c, v, a.epochs, workdir) for c in CONFIGS for v in VARIANTS]
 
-    from experiments.provenance import machine, machine_name, provenance
+    from experiments.provenance import machine, machine_name, provenance, write_results
 
     prov = provenance(["python", "-m", "experiments.bench_distributed",
                        *(sys.argv[1:] if argv is None else argv)])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                             text=True).stdout.strip()[:10]
     meta = {"machine": machine_name(machine()), "commit": commit, "epochs": a.epochs}
-    md = markdown(rows, meta)
-    print(md)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_distributed.md").write_text(md)
-    (out / "bench_distributed.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    write_results(a.out, "bench_distributed", markdown(rows, meta), {"meta": meta, "rows": rows},
+                  prov)
     return rows
 
 

@@ -15,7 +15,6 @@ test: the figures depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ import deq.linen
 import deq.nnx
 from deq.cells import linen as linen_cells
 from deq.cells import nnx as nnx_cells
-from experiments.provenance import provenance
+from experiments.provenance import provenance, write_results
 from experiments.train import machine_description
 
 DEFAULTS = dict(batch=32, size=14, channels=8, max_steps=20, repeats=15)
@@ -139,11 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     o.update({k: v for k, v in vars(a).items() if k in o and v is not None})
     res = dict(options=o, machine=machine_description(), rows=run(o),
                provenance=provenance(["python", "-m", "experiments.bench_eager", *argv]))
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.md").write_text(md := to_markdown(res))
-    (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    (a.out / "provenance.json").write_text(json.dumps(res["provenance"], indent=1) + "\n")
-    print(md)
+    write_results(a.out, "results", to_markdown(res), res, res["provenance"])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -289,7 +288,7 @@ def main(argv=None):
     if not isinstance(layer_kwargs, dict) or not set(variants) <= set(VARIANTS):
         p.error(f"--layer-kwargs must be a JSON dict and --variants a subset of {VARIANTS}")
     from experiments.bench_own_cell import load_data
-    from experiments.provenance import provenance
+    from experiments.provenance import provenance, write_results
     from experiments.train import machine_description
     limit_train = min(60000, max(4096, args.batch * args.steps))
     data_name, train, test = load_data(args.data_dir, limit_train, args.eval_images)
@@ -303,12 +302,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         rows.append(run_variant(name, args, layer_kwargs, train, test))
         print(f"{name}: {rows[-1]} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    print(md := markdown(rows, meta))
-    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
-    (out / "bench_flax_example.md").write_text(md)
-    result = {"meta": meta, "rows": rows, "provenance": prov}
-    (out / "bench_flax_example.json").write_text(json.dumps(result, indent=1))
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    write_results(args.out, "bench_flax_example", markdown(rows, meta),
+                  {"meta": meta, "rows": rows, "provenance": prov}, prov)
 
 
 if __name__ == "__main__":

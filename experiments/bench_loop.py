@@ -29,7 +29,6 @@ A benchmark, not a test: the figures depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -230,15 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= o["n1"] < o["n2"]:
         parser.error("need 1 <= n1 < n2")
 
-    from experiments.provenance import machine, machine_name, provenance
+    from experiments.provenance import machine, machine_name, provenance, write_results
 
     res = dict(options=o, machine=machine_name(machine()), rows=run(o, a.only),
                provenance=provenance(["python", "-m", "experiments.bench_loop", *argv]))
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.md").write_text(md := to_markdown(res))
-    (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    (a.out / "provenance.json").write_text(json.dumps(res["provenance"], indent=1) + "\n")
-    print(md)
+    write_results(a.out, "results", to_markdown(res), res, res["provenance"])
 
 
 if __name__ == "__main__":

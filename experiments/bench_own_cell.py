@@ -227,7 +227,7 @@ def main(argv=None):
     p.add_argument("--out", default="experiments/results/bench_own_cell")
     args = p.parse_args(argv)
 
-    from experiments.provenance import provenance
+    from experiments.provenance import provenance, write_results
     from experiments.train import machine_description
 
     data_name, train, test = load_data(args.data_dir, max(4096, args.batch * args.steps),
@@ -243,17 +243,10 @@ def main(argv=None):
     if not any(r["variant"] == "MDEQCell" for r in rows):
         print(json.dumps(rows, indent=1))
         return
-    md = markdown(rows, meta)
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     prov = provenance(["python", "-m", "experiments.bench_own_cell",
                        *(sys.argv[1:] if argv is None else argv)])
-    stem = f"bench_own_cell_steps{args.steps}"
-    (out / f"{stem}.md").write_text(md)
-    (out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "provenance": prov}, indent=1))
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    write_results(args.out, f"bench_own_cell_steps{args.steps}", markdown(rows, meta),
+                  {"meta": meta, "rows": rows, "provenance": prov}, prov)
 
 
 if __name__ == "__main__":

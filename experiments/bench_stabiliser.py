@@ -121,7 +121,7 @@ def main(argv=None) -> list[dict]:
         ap.exit(2, "bench_stabiliser: needs MNIST: pass --mnist-dir DIR (the IDX files) or "
                    "set DEQ_MNIST_DIR.\n")
 
-    from experiments.provenance import machine, machine_name, provenance
+    from experiments.provenance import machine, machine_name, provenance, write_results
 
     rows = []
     for config in a.configs.split(","):
@@ -135,14 +135,8 @@ def main(argv=None) -> list[dict]:
     meta = {"machine": machine_name(machine()), "commit": prov["git_commit"][:10],
             "seeds": a.seeds, "steps": a.steps or ", ".join(
                 f"{Path(c).stem} {CONFIGS.get(c, 300)}" for c in a.configs.split(","))}
-    md = markdown(agg, meta)
-    print(md)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_stabiliser.md").write_text(md)
-    (out / "bench_stabiliser.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "aggregate": agg}, indent=1) + "\n")
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    write_results(a.out, "bench_stabiliser", markdown(agg, meta),
+                  {"meta": meta, "rows": rows, "aggregate": agg}, prov)
     return agg
 
 

@@ -94,3 +94,14 @@ def stale_sets(results: Path = RESULTS) -> dict[str, str]:
         if changed:
             stale[d.name] = f"the code changed since {commit[:10]}"
     return stale
+
+
+def write_results(out: Path, stem: str, md: str, data: dict, prov: dict) -> None:
+    """A benchmark's result set: ``{stem}.md`` (printed too), ``{stem}.json`` (``data``) and
+    ``provenance.json`` (``prov``) in ``out``, created if needed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    print(md)

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from experiments.bench_distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _train(workdir: Path, *extra: str, devices: int = 1) -> subprocess.Popen:
@@ -46,7 +41,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 def test_two_processes_and_eight_devices_train_like_one(tmp_path):
     """Started together: a one-device run, an 8-device run in one process, and a run of two
     processes; all three train the same global batches."""
-    port = _free_port()
+    port = free_port()
     procs = [_train(tmp_path / "two", "--distributed", f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}") for i in range(2)]
     eight = _train(tmp_path / "eight", devices=8)
