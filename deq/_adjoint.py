@@ -22,6 +22,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from deq import _loop
 from deq._flatten import Flattener
+from deq._host import report_unless
 from deq._linear_solve import GMRES, adjoint_linear_solver
 from deq._solution import RESULTS, backward_stats_cotangent
 from deq._solvers import Anderson, ForwardSolver
@@ -132,9 +133,11 @@ class ImplicitAdjoint(Adjoint):
         """``u = rhs + op(u)`` on ``(batch, dim)`` matrices; ``(u, LinearSolveStats)``."""
         u, stats = self._linear_solver.solve(op, rhs, self.max_steps)
         if self.on_failure == "warn":
-            # Only a failed solve reaches the host: no callback on the common path.
-            jax.lax.cond(jnp.all(stats.converged), lambda: None,
-                         lambda: jax.debug.callback(warn, stats.converged))
+            # Only a failed solve reaches the host: no callback on the common path. Effect
+            # free (deq._host): a jitted step that differentiates a solve keeps JAX's fast
+            # dispatch path.
+            u = report_unless(jnp.all(stats.converged), warn,
+                              (jax.lax.stop_gradient(stats.converged),), u)
         return u, stats
 
     def solve_adjoint_system(self, vjp_z, g):

@@ -87,7 +87,11 @@ eval_max_steps: budget of the forward solve in evaluation mode (default: the lar
   needs, not the budget). The stats' traces have the length of the longest budget,
   fallback included.
 warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many training
-  solves of layers with this cell class have stopped unconverged; None never warns.
+  solves of layers with this cell class have stopped unconverged; None never warns. The
+  count runs in an effect-free host callback, reached only by a failed solve: a ``jax.jit``
+  step keeps JAX's fast dispatch. An ahead-of-time compiled step (``.lower().compile()``)
+  with any host callback does not (about 20 us per argument leaf per call): there, None
+  and ``ImplicitAdjoint(on_failure="ignore")``, and count ``stats.converged`` yourself.
 """
 
 
@@ -423,14 +427,15 @@ def _forward(cell: Any, options: CallOptions, state: Any, x: Any, probe: Any, ke
         probe=probe,
     )
     stats = LayerStats.from_solver_stats(jax.lax.stop_gradient(sol.stats), options.trace_length)
+    value = sol.value
     if options.training and options.warn_after is not None:
-        watch_unconverged(options, cell.name, stats)
+        value = watch_unconverged(options, cell.name, stats, value)
     penalty, grads = jnp.zeros((), jnp.float32), None
     if options.jac_reg_samples:
         penalty, grads = _stabiliser.penalty(
-            cell, options, sol.value, state, x,
+            cell, options, value, state, x,
             _stabiliser.input_key(x) if key is None else key, stats, options.jac_reg_grad)
-    return sol.value, stats, penalty, grads
+    return value, stats, penalty, grads
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))

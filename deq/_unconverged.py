@@ -1,5 +1,6 @@
 """One warning when a layer's training solves keep failing: the solves are counted on the
-host, through a callback that runs only when a solve did not converge."""
+host, through a callback that runs only when a solve did not converge (effect-free:
+:mod:`deq._host`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import functools
 import warnings
 from typing import Any
 
-import jax
 import numpy as np
 
+from deq._host import report_unless
 from deq._solution import RESULTS
 
 
@@ -22,18 +23,15 @@ class UnconvergedWarning(UserWarning):
 unconverged_counts: dict[tuple, int] = {}
 
 
-def watch_unconverged(options: Any, cell_name: str, stats: Any) -> None:
-    """Count unconverged training solves on the host; no callback when the solve converged
-    (``lax.cond``; under ``vmap`` both branches run, so the host checks ``converged`` too)."""
+def watch_unconverged(options: Any, cell_name: str, stats: Any, z: Any) -> Any:
+    """``z`` unchanged in value, with unconverged training solves counted on the host; no
+    callback when the solve converged (under ``vmap`` both branches run, so the host checks
+    ``converged`` too). An effect-free callback (:func:`deq._host.report_unless`): a jitted
+    training step keeps JAX's fast dispatch path."""
     key = (options.layer, cell_name, options.warn_after)
     report = functools.partial(count_unconverged, key, options.max_steps)
-    jax.lax.cond(
-        stats.converged,
-        lambda s: None,
-        lambda s: jax.debug.callback(report, s.converged, s.result, s.rel_residual,
-                                     s.num_steps),
-        stats,
-    )
+    return report_unless(stats.converged, report,
+                         (stats.converged, stats.result, stats.rel_residual, stats.num_steps), z)
 
 
 def count_unconverged(key: tuple, max_steps: int, converged, result, rel_residual,

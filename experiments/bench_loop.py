@@ -17,8 +17,9 @@ Loops:
   (``deq._loop.solve``: a ``while_loop`` with per-sample stopping, best-iterate tracking,
   residual traces and stall test), at exactly n steps (tolerance out of reach, no stall test;
   ``stats.num_steps`` is checked);
-* ``implicit bwd <solver>``: ``jax.grad`` through ``deq.fixed_point`` with ``ImplicitAdjoint``,
-  the forward at ``--bwd-forward-steps``, the adjoint solve's budget at n steps.
+* ``implicit bwd <solver> [batched|unbatched]``: ``jax.grad`` through ``deq.fixed_point``
+  with ``ImplicitAdjoint``, the forward at ``--bwd-forward-steps``, the adjoint solve's
+  budget at n steps (the layers solve batched: per-sample systems).
 
 A benchmark, not a test: the figures depend on the machine and its load.
 
@@ -105,13 +106,14 @@ def _loops(f, o: dict) -> dict:
             return jax.jit(run)
         return make
 
-    def implicit_bwd(solver):
+    def implicit_bwd(solver, batched):
         def make(n):
             adjoint = deq.ImplicitAdjoint(solver=solver, max_steps=n, on_failure="ignore")
 
             def loss(p, x, z0):
                 sol = deq.fixed_point(f, z0, (p, x), solver=deq.FixedPointIteration(
-                    **UNREACHABLE), adjoint=adjoint, max_steps=o["bwd_forward_steps"])
+                    **UNREACHABLE), adjoint=adjoint, max_steps=o["bwd_forward_steps"],
+                    batched=batched)
                 return jnp.sum(sol.value)
             return jax.jit(jax.grad(loss))
         return make
@@ -126,8 +128,10 @@ def _loops(f, o: dict) -> dict:
         "fixed_point iteration unbatched": fixed_point(fpi, False),
         "fixed_point anderson batched": fixed_point(anderson, True),
         "fixed_point anderson unbatched": fixed_point(anderson, False),
-        "implicit bwd iteration": implicit_bwd(fpi),
-        "implicit bwd anderson": implicit_bwd(anderson),
+        "implicit bwd iteration batched": implicit_bwd(fpi, True),
+        "implicit bwd iteration unbatched": implicit_bwd(fpi, False),
+        "implicit bwd anderson batched": implicit_bwd(anderson, True),
+        "implicit bwd anderson unbatched": implicit_bwd(anderson, False),
     }
 
 

@@ -132,6 +132,26 @@ class EpochStats(Sums):
         }
 
 
+# Training steps with an unconverged forward or backward solve, so far in this process: the
+# layers' own warnings are off in the compiled step (no host callback), so the loop warns.
+_unconverged = {"steps": 0, "warned": False}
+WARN_UNCONVERGED_AFTER = 20  # the layers' default warn_unconverged_after
+
+
+def _watch_unconverged(count: int) -> None:
+    _unconverged["steps"] += count
+    if _unconverged["warned"] or _unconverged["steps"] < WARN_UNCONVERGED_AFTER:
+        return
+    _unconverged["warned"] = True
+    logger.warning(
+        "%d training steps so far had a forward or backward solve that did not converge: "
+        "the model trains on points that are not equilibria, with inexact gradients. The "
+        "counts are in metrics.jsonl (train_fwd_unconverged, train_bwd_unconverged) and in "
+        "the run's summary. Things to try: a larger --config.solver.max_steps or "
+        "--config.adjoint.max_steps, a stronger stabiliser (--config.reg.jac_weight=3.0), "
+        "a smaller learning rate. Shown once.", _unconverged["steps"])
+
+
 class EpochLog:
     """The host side of one epoch's training metrics: the intervals' sums, the ``train``
     lines (means since the previous line), the progress bar, the epoch record."""
@@ -159,6 +179,8 @@ class EpochLog:
                      last_checkpoint)
         self.stats.add(acc, seconds)
         self.window.add(acc, seconds)
+        if self.config.mode != "unrolled":
+            _watch_unconverged(int(acc["fwd_unconverged"]) + int(acc["bwd_unconverged"]))
         if step % self.config.train.log_every == 0 or step % self.per_epoch == 0:
             means = self.window.means()
             self.writer.write({"kind": "train", "step": step, "epoch": self.stats.epoch,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare, configuration, train
+from experiments import compare, configuration, metrics, steps, train
 from experiments.cli import ConfigError, config_fields, get_field, load_config, set_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +214,28 @@ def test_ctrl_c_while_a_host_callback_runs_is_an_interruption_not_a_runtime_erro
             at.call(lambda x: step(x).block_until_ready(), np.ones(3, np.float32))
         assert not at.pending and not at.in_step
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_compiled_train_step_has_no_host_callback_and_the_loop_warns(tfds_dir, caplog):
+    # A host callback in the step (the layers' own watchers) would send every call of the
+    # AOT-compiled step through JAX's Python dispatch path: the loop counts failed solves
+    # from the step's metrics instead, and warns once itself.
+    config = smoke_config(tfds_dir)
+    train_split, _, info = train.load_data(config)
+    devices = train.Devices(config)
+    task, params, opt_state, rest, _ = train.build(config, info, train_split, devices)
+    step = steps.make_train_step(task)
+    args = (params, opt_state, devices.new_metrics(), rest,
+            *devices.put(train_split.images[:16], train_split.labels[:16]),
+            jax.random.PRNGKey(0), np.int32(0))
+    jaxpr = str(jax.make_jaxpr(step)(*args))
+    assert "callback" not in jaxpr and not jax.make_jaxpr(step)(*args).effects
+    metrics._unconverged.update(steps=0, warned=False)
+    with caplog.at_level("WARNING", logger="experiments.metrics"):
+        for _ in range(3):
+            metrics._watch_unconverged(metrics.WARN_UNCONVERGED_AFTER // 2)
+    warned = [r.getMessage() for r in caplog.records if "did not converge" in r.getMessage()]
+    assert len(warned) == 1 and "metrics.jsonl" in warned[0], warned
 
 
 def test_a_workdir_locked_by_another_process_is_refused(tmp_path, tfds_dir):

@@ -287,6 +287,36 @@ def test_warns_once_when_training_solves_keep_failing():
     assert not _unconverged.unconverged_counts
 
 
+def test_watchers_leave_a_jitted_training_step_effect_free_and_still_warn():
+    # A host callback with an effect (jax.debug.callback) would send every call of a jitted
+    # step through JAX's Python dispatch path; the layer's and the adjoint's watchers are
+    # effect-free, and still report when the only output used is the loss.
+    _unconverged.unconverged_counts.clear()
+    adjoint = deq.ImplicitAdjoint(solver=deq.FixedPointIteration(), max_steps=1)
+    for api in (NNX, LINEN):
+        h, x, c = api.mlp(solver=deq.FixedPointIteration(), max_steps=2, adjoint=adjoint,
+                          warn_unconverged_after=2)
+        if api is NNX:
+            graphdef, params, rest = nnx.split(h, nnx.Param, ...)
+
+            def loss(params, graphdef=graphdef, rest=rest):
+                return jnp.sum(c * nnx.merge(graphdef, params, rest, copy=True)(x))
+        else:
+            params = h.params
+
+            def loss(params, module=h.module):
+                return jnp.sum(c * module.apply({"params": params}, x))
+        step = jax.jit(jax.grad(loss))
+        assert not jax.make_jaxpr(jax.grad(loss))(params).effects
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                jax.block_until_ready(step(params))
+        messages = [str(w.message) for w in caught]
+        assert any(issubclass(w.category, deq.nnx.UnconvergedWarning) for w in caught), messages
+        assert any("backward (adjoint) solve did not converge" in m for m in messages), messages
+
+
 # ---- options --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("api", APIS)
