@@ -109,9 +109,9 @@ class Position:
     """The global step the run has reached (None before its checkpoint is restored), and
     Ctrl-C held back while a compiled step runs.
 
-    A KeyboardInterrupt raised inside one of the solver's host callbacks (its statistics and
-    warnings run in Python during the step) would reach the caller as a JaxRuntimeError with
-    JAX's tracebacks, not as an interruption. So while ``call`` runs a step, Ctrl-C is noted
+    A KeyboardInterrupt raised inside a host callback (Python code run during the step: the
+    library's own solve watchers are off in the compiled step, but a cell may have one) would
+    reach the caller as a JaxRuntimeError with JAX's tracebacks, not as an interruption. So while ``call`` runs a step, Ctrl-C is noted
     and raised when the step returns; a second Ctrl-C during the same step raises at once.
     """
 
