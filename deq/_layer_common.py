@@ -90,8 +90,9 @@ warn_unconverged_after: issue one :class:`UnconvergedWarning` once this many tra
   solves of layers with this cell class have stopped unconverged; None never warns. The
   count runs in an effect-free host callback, reached only by a failed solve: a ``jax.jit``
   step keeps JAX's fast dispatch. An ahead-of-time compiled step (``.lower().compile()``)
-  with any host callback does not (about 20 us per argument leaf per call): there, None
-  and ``ImplicitAdjoint(on_failure="ignore")``, and count ``stats.converged`` yourself.
+  with any host callback does not (about 20 us per argument leaf per call): there, pass
+  None and ``ImplicitAdjoint(on_failure="ignore")`` and count ``stats.converged``
+  yourself. Under ``jax.checkpoint`` a failed solve may be counted twice.
 """
 
 

@@ -132,24 +132,29 @@ class EpochStats(Sums):
         }
 
 
-# Training steps with an unconverged forward or backward solve, so far in this process: the
-# layers' own warnings are off in the compiled step (no host callback), so the loop warns.
-_unconverged = {"steps": 0, "warned": False}
+# Unconverged training solves (forward and backward) so far in this run: the layers' own
+# warnings are off in the compiled step (no host callback), so the loop warns.
+_unconverged = {"solves": 0, "warned": False}
 WARN_UNCONVERGED_AFTER = 20  # the layers' default warn_unconverged_after
 
 
+def reset_unconverged_watch() -> None:
+    """A new run: its own count, and its own warning."""
+    _unconverged.update(solves=0, warned=False)
+
+
 def _watch_unconverged(count: int) -> None:
-    _unconverged["steps"] += count
-    if _unconverged["warned"] or _unconverged["steps"] < WARN_UNCONVERGED_AFTER:
+    _unconverged["solves"] += count
+    if _unconverged["warned"] or _unconverged["solves"] < WARN_UNCONVERGED_AFTER:
         return
     _unconverged["warned"] = True
     logger.warning(
-        "%d training steps so far had a forward or backward solve that did not converge: "
-        "the model trains on points that are not equilibria, with inexact gradients. The "
-        "counts are in metrics.jsonl (train_fwd_unconverged, train_bwd_unconverged) and in "
-        "the run's summary. Things to try: a larger --config.solver.max_steps or "
+        "%d training solves (forward or backward) so far did not converge: the model trains "
+        "on points that are not equilibria, with inexact gradients. The counts are in "
+        "metrics.jsonl (train_fwd_unconverged, train_bwd_unconverged) and in the run's "
+        "summary. Things to try: a larger --config.solver.max_steps or "
         "--config.adjoint.max_steps, a stronger stabiliser (--config.reg.jac_weight=3.0), "
-        "a smaller learning rate. Shown once.", _unconverged["steps"])
+        "a smaller learning rate. Shown once per run.", _unconverged["solves"])
 
 
 class EpochLog:

@@ -97,6 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     workdir.mkdir(parents=True, exist_ok=True)  # the run starts: from here on it has a workdir
     at = Position()
+    metrics_lib.reset_unconverged_watch()
     try:
         with hold_workdir(workdir), at.deferring_interrupts():
             return _run(config, workdir, stop_after, (train, test), devices, built, at)
@@ -111,8 +112,9 @@ class Position:
 
     A KeyboardInterrupt raised inside a host callback (Python code run during the step: the
     library's own solve watchers are off in the compiled step, but a cell may have one) would
-    reach the caller as a JaxRuntimeError with JAX's tracebacks, not as an interruption. So while ``call`` runs a step, Ctrl-C is noted
-    and raised when the step returns; a second Ctrl-C during the same step raises at once.
+    reach the caller as a JaxRuntimeError with JAX's tracebacks, not as an interruption. So
+    while ``call`` runs a step, Ctrl-C is noted and raised when the step returns; a second
+    Ctrl-C during the same step raises at once.
     """
 
     step: int | None = None

@@ -29,7 +29,7 @@ def test_a_wrong_flag_exits_2():
 @pytest.mark.slow
 def test_bench_loop_quick_writes_its_table(tmp_path):
     cmd = [sys.executable, "-m", "experiments.bench_loop", "--quick", "--out", str(tmp_path),
-           "--only", "iteration batched"]
+           "--only", "fixed_point iteration batched"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())

@@ -230,7 +230,7 @@ def test_the_compiled_train_step_has_no_host_callback_and_the_loop_warns(tfds_di
             jax.random.PRNGKey(0), np.int32(0))
     jaxpr = str(jax.make_jaxpr(step)(*args))
     assert "callback" not in jaxpr and not jax.make_jaxpr(step)(*args).effects
-    metrics._unconverged.update(steps=0, warned=False)
+    metrics.reset_unconverged_watch()
     with caplog.at_level("WARNING", logger="experiments.metrics"):
         for _ in range(3):
             metrics._watch_unconverged(metrics.WARN_UNCONVERGED_AFTER // 2)
