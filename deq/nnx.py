@@ -297,7 +297,9 @@ class DEQ(nnx.Module):
         Returns:
           The fixed point ``z*``.
         """
-        self._check_cell(self.cell)  # the cell may have been replaced since construction
+        # The options and the cell may have been changed since construction.
+        common.validate(_NAME, self)
+        self._check_cell(self.cell)
         graphdef, state = nnx.split(self.cell)
         cell = _Cell(graphdef, type(self.cell).__name__)
         # The stabiliser only where its value can be stored (see _record): drawing its key

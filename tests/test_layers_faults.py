@@ -122,6 +122,16 @@ def test_nnx_cell_replaced_after_construction_is_checked_at_call():
         layer(jnp.ones((2, 3)))
 
 
+def test_nnx_options_set_after_construction_are_checked_at_call():
+    layer, x, _ = NNX.mlp()
+    layer.eval_max_steps = 0
+    with pytest.raises(ValueError, match="DEQ: eval_max_steps must be >= 1"):
+        layer(x)
+    layer.eval_max_steps, layer.jac_reg_weight = 60, "always"
+    with pytest.raises(ValueError, match="DEQ: jac_reg_weight must be"):
+        layer(x)
+
+
 class _NoisyCell(nn.Module):
     @nn.compact
     def __call__(self, z, x):
