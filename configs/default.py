@@ -61,11 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.reg = ml_collections.ConfigDict()
     # The stabiliser: the Jacobian penalty ||df/dz||_F^2 / dim keeps the cell contractive, so
     # training and evaluation solves keep converging. jac_weight: its weight (0 = off).
-    config.reg.jac_weight = 1.0
+    config.reg.jac_weight = 3.0
     # True: jac_weight is the largest weight, applied in proportion to how close the training
     # solve came to its budget (deq.regularization.AdaptiveWeight; 0, and not computed, while
-    # the solves take at most half of it). False: always jac_weight.
+    # the solves take at most jac_target of it). False: always jac_weight.
     config.reg.jac_auto = True
+    config.reg.jac_target = 0.5
     config.reg.jac_samples = 1  # Hutchinson probes
     config.reg.jac_batch = 32  # samples of the batch the penalty is estimated on (0 = all)
 

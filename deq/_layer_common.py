@@ -77,7 +77,7 @@ jac_reg_batch: the penalty uses only the first ``jac_reg_batch`` samples of a ba
   (default 32; None: all; still unbiased, and its second-order pass is the costly part).
 jac_reg_weight: the penalty's weight: ``"auto"`` (default; a
   :class:`deq.regularization.AdaptiveWeight`: 0, and nothing computed, while the training
-  solve takes at most half its budget, rising to 1 as it spends all of it), another
+  solve takes at most half its budget, rising to 3 as it spends all of it), another
   :class:`~deq.regularization.AdaptiveWeight`, or a fixed number.
 eval_solver: forward solver in evaluation mode (default: ``solver`` with a
   :class:`deq.Broyden` fallback of the same tolerances, which takes over the samples the

@@ -53,7 +53,7 @@ def count_unconverged(key: tuple, max_steps: int, converged, result, rel_residua
         f"after {steps} of max_steps={max_steps} steps). The model then trains on points "
         f"that are not equilibria, and its gradients are inexact. Things to try: a stronger "
         f"Jacobian stabiliser (jac_reg_samples >= 1 with jac_reg_weight=1.0, or "
-        f"deq.regularization.AdaptiveWeight(max_weight=3.0)); {_cell_advice(cell_name)}"
+        f"deq.regularization.AdaptiveWeight(max_weight=10.0)); {_cell_advice(cell_name)}"
         f"a larger max_steps; solver=deq.Anderson() if another solver is used. Shown "
         f"once; the layer's stats report every solve.",
         UnconvergedWarning,

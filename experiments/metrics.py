@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import deq.nnx
 from experiments.errors import NonFiniteError
 from experiments.provenance import machine, machine_name
 from experiments.runfiles import write_json
@@ -135,7 +137,9 @@ class EpochStats(Sums):
 # Unconverged training solves (forward and backward) so far in this run: the layers' own
 # warnings are off in the compiled step (no host callback), so the loop warns.
 _unconverged = {"solves": 0, "warned": False}
-WARN_UNCONVERGED_AFTER = 20  # the layers' default warn_unconverged_after
+# The layers' default warn_unconverged_after, read from their signature.
+WARN_UNCONVERGED_AFTER = inspect.signature(deq.nnx.DEQ.__init__).parameters[
+    "warn_unconverged_after"].default
 
 
 def reset_unconverged_watch() -> None:
@@ -153,7 +157,7 @@ def _watch_unconverged(count: int) -> None:
         "on points that are not equilibria, with inexact gradients. The counts are in "
         "metrics.jsonl (train_fwd_unconverged, train_bwd_unconverged) and in the run's "
         "summary. Things to try: a larger --config.solver.max_steps or "
-        "--config.adjoint.max_steps, a stronger stabiliser (--config.reg.jac_weight=3.0), "
+        "--config.adjoint.max_steps, a stronger stabiliser (--config.reg.jac_weight=10.0), "
         "a smaller learning rate. Shown once per run.", _unconverged["solves"])
 
 

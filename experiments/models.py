@@ -142,8 +142,9 @@ class Classifier(nnx.Module):
             # its second-order backward pass from dominating the step's memory.
             jac_reg_samples=config.reg.jac_samples if config.reg.jac_weight > 0 else 0,
             jac_reg_batch=config.reg.jac_batch or None,
-            jac_reg_weight=(deq.regularization.AdaptiveWeight(max_weight=config.reg.jac_weight)
-                            if config.reg.get("jac_auto", False) else config.reg.jac_weight),
+            jac_reg_weight=(deq.regularization.AdaptiveWeight(
+                max_weight=config.reg.jac_weight, target=config.reg.jac_target)
+                if config.reg.get("jac_auto", False) else config.reg.jac_weight),
             # The evaluation model is built with its solver and budget as the training ones.
             eval_solver=solver, eval_max_steps=max_steps,
             warn_unconverged_after=None,  # counted by the training loop (see make_adjoint)

@@ -388,9 +388,13 @@ def test_every_config_is_valid(name):
     assert set(config_fields(config)) == set(config_fields(default))
     if "unrolled" in name:
         deq_cfg = load_config(str(ROOT / "configs" / f"{name.replace('unrolled', 'deq')}.py"))
-        # Fair comparison: same model and the same forward step budget.
+        # Fair comparison: same model; the unrolled network runs every one of its steps, the
+        # DEQ at most its budget (the multiscale one: 16 unrolled steps against a cap of 24
+        # that its mean training solve stays under).
         assert config.model == deq_cfg.model
-        assert config.solver.max_steps == deq_cfg.solver.max_steps
+        assert config.solver.max_steps <= deq_cfg.solver.max_steps
+        if name != "mnist_multiscale_unrolled":
+            assert config.solver.max_steps == deq_cfg.solver.max_steps
 
 
 _SHARDED = """
