@@ -26,7 +26,7 @@ from deq import _stabiliser
 from deq._adjoint import Adjoint, UnrolledAdjoint
 from deq._fixed_point import fixed_point
 from deq._solution import RESULTS, SolverStats, trace_size
-from deq._solvers import Anderson, Broyden, ForwardSolver
+from deq._solvers import Anderson, Broyden, FixedPointIteration, ForwardSolver
 from deq._stateful import StatefulCellError
 from deq._unconverged import watch_unconverged
 from deq._validate import (
@@ -43,6 +43,10 @@ from deq.regularization import AdaptiveWeight
 # training step, where the implicit gradient needs only an approximate fixed point, and
 # eval_max_steps raises the budget for evaluation.
 DEFAULT_MAX_STEPS = 30
+# In training, with the default solver, the samples Anderson leaves unconverged (a cell still
+# far from contractive, early in training) go on from their best iterates by damped iteration,
+# for up to max_steps more steps: the implicit gradient is then taken at an equilibrium.
+DEFAULT_TRAIN_FALLBACK = FixedPointIteration(damping=0.5)
 DEFAULT_EVAL_MAX_STEPS = 100
 # The stabiliser, on by default: one Hutchinson probe on 32 samples of the batch, weighted by
 # how close the training solve came to its budget (deq.regularization.AdaptiveWeight).
@@ -53,7 +57,9 @@ DEFAULT_WARN_UNCONVERGED_AFTER = 20
 
 # The options both layers (deq.nnx.DEQ, deq.linen.DEQ) document, at "{layer_options}".
 LAYER_OPTIONS_DOC = """\
-solver: forward solver (default :class:`deq.Anderson`).
+solver: forward solver in training (default: :class:`deq.Anderson`, whose unconverged
+  samples go on from their best iterates by damped iteration, ``deq.FixedPointIteration(
+  damping=0.5)``, for up to ``max_steps`` more steps). A solver you pass is used as given.
 adjoint: backward mode (default :class:`deq.ImplicitAdjoint`).
 max_steps: budget of cell evaluations of the forward solve; default 30, below
   ``deq.fixed_point``'s 50, as the solve runs on every training step.
@@ -245,10 +251,19 @@ def eval_max_steps(options: Any) -> int:
     return max(DEFAULT_EVAL_MAX_STEPS, int(options.max_steps))
 
 
+def train_solver(options: Any) -> ForwardSolver:
+    """The forward solver of training mode: ``solver`` as given, else the default Anderson
+    with ``DEFAULT_TRAIN_FALLBACK`` for the samples it leaves unconverged."""
+    if options.solver is not None:
+        return options.solver
+    if isinstance(options.adjoint, UnrolledAdjoint):  # a fixed number of steps: no fallback
+        return Anderson()
+    return Anderson(fallback=DEFAULT_TRAIN_FALLBACK)
+
+
 def trace_length(options: Any) -> int:
     """Length of the stats' residual traces: the longest budget, training or evaluation."""
-    solver = options.solver if options.solver is not None else Anderson()
-    return max(trace_size(solver.budget(int(options.max_steps))),
+    return max(trace_size(train_solver(options).budget(int(options.max_steps))),
                trace_size(eval_solver(options).budget(eval_max_steps(options))))
 
 
@@ -280,7 +295,7 @@ class CallOptions(NamedTuple):
 
         ``watch=False`` does not count unconverged solves (e.g. Linen's ``init``);
         ``stabilise=False`` leaves the stabiliser out (it is also out in evaluation)."""
-        solver, max_steps = options.solver, options.max_steps
+        solver, max_steps = train_solver(options), options.max_steps
         if deterministic:
             solver, max_steps = eval_solver(options), eval_max_steps(options)
         warn = options.warn_unconverged_after

@@ -212,6 +212,7 @@ def run_variant(name, args, layer_kwargs, train_data, test):
     if name != "plain":
         frac = [float(s.converged_fraction) for s in stats if hasattr(s, "converged_fraction")]
         row.update(**info, train_unconverged=sum(not bool(s.converged) for s in stats),
+                   train_unconverged_at=[i for i, s in enumerate(stats) if not bool(s.converged)],
                    train_fwd_steps_mean=float(np.mean([int(s.num_steps) for s in stats])),
                    train_converged_fraction_mean=float(np.mean(frac)) if frac else None,
                    unconverged_warning=bool(warned))

@@ -30,6 +30,7 @@ CHOICES = {
     "data.name": data_lib.DATASETS, "mode": models.MODES, "model.cell": models.CELLS,
     "model.z_init": ("zeros", "inject"), "model.head": models.HEADS,
     "solver.name": models.SOLVERS, "solver.eval_fallback": ("", *models.SOLVERS),
+    "solver.fallback": ("", *models.SOLVERS),
     "adjoint.name": models.ADJOINTS,
     "adjoint.solver": models.ADJOINT_SOLVERS, "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"), "train.on_nonfinite": ("stop", "skip"),
@@ -72,6 +73,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 or value < minimum):
             raise ConfigError(f"config.{field}={value!r} must be "
                               f"{'an integer' if integer else 'a number'} >= {minimum}.")
+    damping = config.solver.get("fallback_damping", 0.0)
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < 1:
+        raise ConfigError(f"config.solver.fallback_damping={damping!r} must be a number in "
+                          "[0, 1).")
     if config.optim.learning_rate <= 0:
         raise ConfigError(f"config.optim.learning_rate={config.optim.learning_rate!r} must be "
                           "> 0.")

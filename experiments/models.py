@@ -25,18 +25,19 @@ CELLS = ("mlp", "mdeq", "mdeq_multiscale")
 HEADS = ("pool", "flatten")
 
 
-def _solver(name: str, cfg: ml_collections.ConfigDict, rtol: float):
+def _solver(name: str, cfg: ml_collections.ConfigDict, rtol: float,
+            damping: float | None = None):
     common = dict(rtol=rtol, atol=cfg.atol)
     if name == "anderson":
         return deq.Anderson(history=cfg.history, **common)
     if name == "broyden":
         return deq.Broyden(**common)
-    return deq.FixedPointIteration(damping=cfg.damping, **common)
+    return deq.FixedPointIteration(damping=cfg.damping if damping is None else damping, **common)
 
 
 def make_solver(cfg: ml_collections.ConfigDict, *, mode: str, evaluation: bool = False):
-    """The forward solver and step budget for training (or evaluation: with the
-    ``solver.eval_fallback`` solver for the samples the first one leaves unconverged)."""
+    """The forward solver and step budget for training, with the ``solver.fallback`` solver
+    for the samples the first one leaves unconverged (at evaluation: ``solver.eval_fallback``)."""
     rtol = cfg.eval_rtol if evaluation and cfg.eval_rtol else cfg.rtol
     max_steps = cfg.eval_max_steps if evaluation and cfg.eval_max_steps else cfg.max_steps
     if mode == "unrolled":
@@ -46,6 +47,9 @@ def make_solver(cfg: ml_collections.ConfigDict, *, mode: str, evaluation: bool =
     solver = _solver(cfg.name, cfg, rtol)
     if evaluation and cfg.get("eval_fallback", ""):
         solver = dataclasses.replace(solver, fallback=_solver(cfg.eval_fallback, cfg, rtol))
+    elif not evaluation and cfg.get("fallback", ""):
+        solver = dataclasses.replace(solver, fallback=_solver(
+            cfg.fallback, cfg, rtol, damping=cfg.get("fallback_damping", None)))
     return solver, max_steps
 
 

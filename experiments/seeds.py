@@ -65,7 +65,7 @@ SUMMARY_FIELDS = ("test_accuracy", "median_step_time", "train_step_temp_bytes", 
                   "test_fwd_steps", "train_fwd_rel_residual", "test_fwd_rel_residual",
                   "train_bwd_steps", "num_params", "epochs", "test_at_equilibrium",
                   "test_samples", "test_worst_residual", "train_fwd_unconverged",
-                  "train_steps")
+                  "train_bwd_unconverged", "train_steps")
 
 
 def seeds_table(runs: dict[str, list[Path]]) -> dict:
@@ -139,6 +139,8 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
         f"{_seeds(d['n'])} "
         f"(per seed: {', '.join(f'{100 * x:+.2f}' for x in d['per_seed'])}). "
         f"Train-step memory DEQ / unrolled: {agg['memory_ratio']:.2f}x.",
+        *([f"\n{_training_sentence(table['runs']['deq'])}"]
+          if _training_sentence(table["runs"]["deq"]) else []),
         *([f"\n{_budget_sentence(table['budget'])}"] if table.get("budget") else []),
         "",
         f"Machine: {machine_str}.",
@@ -153,6 +155,19 @@ def _equilibrium(rows: list[dict]) -> str:
     n = sum(r["test_samples"] for r in rows)
     eq = sum(r["test_at_equilibrium"] for r in rows)
     return f"{eq} of {n} ({max(r['test_worst_residual'] for r in rows):.1e})"
+
+
+def _training_sentence(rows: list[dict]) -> str:
+    """The DEQ's training solves that stopped unconverged, over the seeds ('' if not recorded)."""
+    if any(r.get("train_fwd_unconverged") is None or r.get("train_steps") is None
+           for r in rows):
+        return ""
+    n = sum(r["train_steps"] for r in rows)
+    fwd = sum(r["train_fwd_unconverged"] for r in rows)
+    out = f"Training solves unconverged (DEQ, all seeds): forward {fwd} of {n} batches"
+    if all(r.get("train_bwd_unconverged") is not None for r in rows):
+        out += f", backward (adjoint) {sum(r['train_bwd_unconverged'] for r in rows)} of {n}"
+    return out + "."
 
 
 def _budget_sentence(budget: list[dict]) -> str:

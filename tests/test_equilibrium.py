@@ -15,6 +15,7 @@ import deq.cells.linen
 import deq.cells.nnx
 import deq.linen
 import deq.nnx
+from deq import _layer_common as common
 from deq.regularization import AdaptiveWeight
 
 # Per sample, f(z) = a_i z + x: plain iteration converges for |a_i| < 1 and diverges
@@ -121,6 +122,56 @@ def test_layer_evaluation_falls_back_by_default_and_reports_the_fraction(run):
     assert "converged=50.0%" in stats.summary()
 
 
+# ---- training: the default solver's unconverged samples go on by damped iteration ---------
+
+class NNXCos(nnx.Module):
+    def __init__(self):
+        self.scale = nnx.Param(jnp.ones(()))
+
+    def __call__(self, z, x):
+        return self.scale[...] * 0.9 * jnp.cos(z) + x
+
+
+class LinenCos(nn.Module):
+    @nn.compact
+    def __call__(self, z, x):
+        return self.param("scale", nn.initializers.ones, ()) * 0.9 * jnp.cos(z) + x
+
+
+XC = jnp.linspace(-2.0, 2.0, 8)[:, None] * jnp.ones((1, 4))
+
+
+def _nnx_train(**kw):
+    layer = deq.nnx.DEQ(NNXCos(), max_steps=10, jac_reg_samples=0,
+                        warn_unconverged_after=None, **kw)
+    layer(XC)
+    return layer.stats.get_value()
+
+
+def _linen_train(**kw):
+    layer = deq.linen.DEQ(cell=LinenCos(), max_steps=10, jac_reg_samples=0,
+                          warn_unconverged_after=None, **kw)
+    params = layer.init(jax.random.key(0), XC)
+    _, aux = layer.apply(params, XC, deterministic=False, mutable=["intermediates"])
+    return aux["intermediates"]["stats"][0]
+
+
+@pytest.mark.parametrize("run", [_nnx_train, _linen_train], ids=["nnx", "linen"])
+def test_layer_training_solve_falls_back_by_default_and_an_explicit_solver_does_not(run):
+    # Anderson leaves this cell at a relative residual of 1e-4 after its 10 steps; the default
+    # goes on from its best iterates by damped iteration and converges within 10 more.
+    stats = run()
+    assert bool(stats.converged) and float(stats.converged_fraction) == 1.0
+    assert 10 < int(stats.num_steps) <= 20
+    stats = run(solver=deq.Anderson())  # as given: stops at its budget, reported
+    assert not bool(stats.converged) and int(stats.num_steps) == 10
+
+
+def test_training_fallback_is_off_for_unrolled_backprop():
+    layer = deq.nnx.DEQ(NNXCos(), adjoint=deq.UnrolledAdjoint(), jac_reg_samples=0)
+    assert common.train_solver(layer) == deq.Anderson()
+
+
 # ---- the adaptive weight of the Jacobian penalty ----------------------------------------------
 
 def test_adaptive_weight_rises_with_the_steps_a_solve_needed():
@@ -145,11 +196,12 @@ def test_adaptive_penalty_is_zero_for_easy_solves_and_on_for_hard_ones_nnx():
     easy(x)
     assert int(easy.stats.get_value().num_steps) <= 15
     assert float(easy.jac_loss[...]) == 0.0
-    hard = _mlp_nnx(max_steps=2)  # spends its budget: the full weight
+    hard = _mlp_nnx(max_steps=2)  # spends its budget (and its fallback's): the full weight
     hard(x)
-    assert int(hard.stats.get_value().num_steps) == 2
+    assert int(hard.stats.get_value().num_steps) == 4
     fixed = deq.nnx.DEQ(deq.cells.nnx.MLPCell(4, 8, rngs=nnx.Rngs(0)), max_steps=2,
-                        jac_reg_samples=1, rngs=nnx.Rngs(1))
+                        jac_reg_samples=1, jac_reg_weight=AdaptiveWeight().max_weight,
+                        rngs=nnx.Rngs(1))
     fixed(x)
     assert float(hard.jac_loss[...]) == pytest.approx(float(fixed.jac_loss[...]), rel=1e-6)
     assert float(hard.jac_loss[...]) > 0

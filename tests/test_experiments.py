@@ -345,6 +345,30 @@ def test_mdeq_groups_must_divide_channels(tmp_path, tfds_dir):
         train.validate_config(config)
 
 
+def test_solver_fallbacks_from_the_config(tfds_dir):
+    import deq
+    from experiments import models
+    cfg = smoke_config(tfds_dir).solver
+    train_solver, _ = models.make_solver(cfg, mode="deq")
+    assert train_solver.fallback == deq.FixedPointIteration(
+        damping=cfg.fallback_damping, rtol=cfg.rtol, atol=cfg.atol)
+    assert isinstance(models.make_solver(cfg, mode="deq", evaluation=True)[0].fallback,
+                      deq.Broyden)
+    assert models.make_solver(cfg, mode="unrolled")[0].fallback is None  # fixed steps
+    cfg.fallback = ""
+    assert models.make_solver(cfg, mode="deq")[0].fallback is None
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("solver.fallback", "newton", "solver.fallback='newton' is not one of"),
+    ("solver.fallback_damping", 1.0, r"solver.fallback_damping=1.0 must be a number in \[0, 1\)"),
+])
+def test_bad_solver_fallback_is_named(tfds_dir, field, value, match):
+    config = smoke_config(tfds_dir, **{field: value})
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(config)
+
+
 def test_command_line_overrides_and_bad_fields(tmp_path, tfds_dir):
     base = [sys.executable, "-m", "experiments.main", "--config", str(ROOT / "configs/smoke.py"),
             f"--config.data.tfds_dir={tfds_dir}"]
