@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.adjoint.solver = "anderson"  # implicit: 'anderson', 'iteration', 'broyden', 'gmres'
     config.adjoint.max_steps = 30
     config.adjoint.rtol = 1e-3
+    # Adjoint-system samples the solver leaves unconverged (a cell still far from contractive,
+    # early in training) go on from their best iterates with this solver ('' = none), for up
+    # to adjoint.max_steps more steps (ignored with 'gmres', which needs no contraction).
+    config.adjoint.fallback = "iteration"
     config.adjoint.phantom_steps = 5
     config.adjoint.phantom_damping = 0.5
 

@@ -5,7 +5,8 @@ Linear) with ``deq.nnx.DEQ(MDEQCell(32, 32, num_groups=4))`` after the first poo
 else set (``--layer-kwargs`` adds options); ``linen``: its Linen twin; ``own``: the README's own
 cell (``z -> relu(GroupNorm(conv(z) + x))``, weight norm 0.25) in its place; ``plain``: no DEQ. SGD
 on the cross-entropy alone (MNIST from ``--data_dir``, else sklearn digits at 28x28). Reports
-the median step time (and vs plain), unconverged training solves and their forward steps,
+the median step time (and vs plain), unconverged training solves (forward; backward: the
+adjoint solves that warned) and their forward steps,
 the final loss, and on test images, at the layer's eval budget and ``--eval-budget-mult``
 times it: accuracy, per-sample ``|f(z) - z| / |f(z)|`` from the cell at the returned ``z``
 (fraction <= 1e-3, <= the solver's rtol, worst), forward steps, predicted classes changed.
@@ -105,6 +106,8 @@ class LinenCNN(nn.Module):
 
 _residuals = lambda fz, z: jnp.sqrt(((fz - z) ** 2).sum((1, 2, 3)) / (fz ** 2).sum((1, 2, 3)))
 _ce = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+# What the layers' implicit adjoint warns from a backward solve that did not converge.
+_BACKWARD_WARNING = "backward (adjoint) solve did not converge"
 _budget = _common.eval_max_steps  # the layers' own eval budget and solver (fallback included)
 _info = lambda m: {"rtol": float(_common.eval_solver(m).rtol), "eval_budget": _budget(m)}
 
@@ -193,10 +196,14 @@ def run_variant(name, args, layer_kwargs, train_data, test):
     setup = {"linen": setup_linen, "own": lambda *a: setup_nnx(*a, own=True)}.get(name, setup_nnx)
     train, evaluate, info = setup(args, None if name == "plain" else layer_kwargs)
     rng, times, losses, stats = np.random.default_rng(args.seed), [], [], []
+    bwd_failed = []  # training steps whose backward (adjoint) solve did not converge
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", deq.nnx.UnconvergedWarning)
+        # The layers' implicit adjoint warns (RuntimeWarning) from each failed backward solve.
+        warnings.simplefilter("always", RuntimeWarning)
         for i in range(args.steps):
             idx = rng.choice(len(train_data[0]), args.batch, replace=False)
+            seen = len(caught)
             t0 = time.perf_counter()
             loss, st = train(train_data[0][idx], train_data[1][idx])
             jax.block_until_ready(loss)
@@ -204,6 +211,9 @@ def run_variant(name, args, layer_kwargs, train_data, test):
                 times.append(time.perf_counter() - t0)
             losses.append(float(loss))
             stats.append(st)
+            jax.effects_barrier()  # the step's host callbacks (warnings) have run
+            if any(_BACKWARD_WARNING in str(w.message) for w in caught[seen:]):
+                bwd_failed.append(i)
     warned = [str(w.message) for w in caught if issubclass(w.category, deq.nnx.UnconvergedWarning)]
     for message in warned:
         print(f"{name}: UnconvergedWarning: {message}", file=sys.stderr)
@@ -213,6 +223,7 @@ def run_variant(name, args, layer_kwargs, train_data, test):
         frac = [float(s.converged_fraction) for s in stats if hasattr(s, "converged_fraction")]
         row.update(**info, train_unconverged=sum(not bool(s.converged) for s in stats),
                    train_unconverged_at=[i for i, s in enumerate(stats) if not bool(s.converged)],
+                   train_bwd_unconverged=len(bwd_failed), train_bwd_unconverged_at=bwd_failed,
                    train_fwd_steps_mean=float(np.mean([int(s.num_steps) for s in stats])),
                    train_converged_fraction_mean=float(np.mean(frac)) if frac else None,
                    unconverged_warning=bool(warned))
@@ -243,7 +254,8 @@ def markdown(rows, meta) -> str:
     def both(r, key, fmt):  # "1x / kx", "1x" (plain) or "-"
         return " / ".join(fmt(r[t]) for t in (f"eval1x_{key}", f"eval{k}x_{key}") if t in r) or "-"
 
-    head = ["variant", "step (ms)", "vs plain", "train solves unconverged", "train fwd steps",
+    head = ["variant", "step (ms)", "vs plain", "train solves unconverged",
+            "train backward solves unconverged", "train fwd steps",
             "train loss", f"acc 1x / {k}x", f"res <= 1e-3 1x / {k}x", f"res <= rtol 1x / {k}x",
             f"worst res 1x / {k}x", f"eval fwd steps 1x / {k}x", f"class changed 1x->{k}x"]
     lines = [
@@ -263,6 +275,7 @@ def markdown(rows, meta) -> str:
             + (f"; {100 * frac:.2f}% of samples converged" if frac is not None else ""))
         cells = [r["variant"], f"{r['step_ms']:.0f}",
                  f"{r['step_ms'] / plain:.2f}x" if plain else "-", unconv,
+                 "-" if "rtol" not in r else f"{r['train_bwd_unconverged']}/{r['train_steps']}",
                  f"{r['train_fwd_steps_mean']:.1f}" if "rtol" in r else "-",
                  f"{r['train_loss_end']:.3f}", both(r, "acc", pct), both(r, "res_1e3_frac", pct),
                  both(r, "res_rtol_frac", pct), both(r, "res_worst", "{:.1e}".format),

@@ -5,8 +5,8 @@ twice: with the stabiliser as the config ships it (``reg.jac_auto``: the weight 
 training solve's steps, see ``deq.regularization.AdaptiveWeight``) and without it
 (``reg.jac_weight=0``). Reported per variant, mean +- std over the seeds: forward solver steps
 at evaluation (with its fallback) and in training, test accuracy, test samples at equilibrium
-(relative residual <= 1e-3) and the worst one, training solves that stopped unconverged, and
-the median training-step time.
+(relative residual <= 1e-3) and the worst one, training solves (forward and backward) that
+stopped unconverged, and the median training-step time.
 
 Usage::
 
@@ -44,7 +44,8 @@ def _run(config: str, steps: int, seed: int, variant: str, a) -> dict:
     return {"config": Path(config).stem, "variant": variant, "seed": seed,
             **{k: s.get(k) for k in FIELDS},
             "at_equilibrium": s["test_at_equilibrium"] / s["test_samples"],
-            "train_unconverged": s["train_fwd_unconverged"] / s["train_steps"]}
+            "train_unconverged": s["train_fwd_unconverged"] / s["train_steps"],
+            "train_bwd_unconverged": s["train_bwd_unconverged"] / s["train_steps"]}
 
 
 def _ms(xs) -> dict:
@@ -58,7 +59,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         by = {v: [r for r in rows if r["config"] == config and r["variant"] == v]
               for v in VARIANTS}
         agg = {v: {k: _ms([r[k] for r in rs]) for k in
-                   (*FIELDS, "at_equilibrium", "train_unconverged")} for v, rs in by.items()}
+                   (*FIELDS, "at_equilibrium", "train_unconverged", "train_bwd_unconverged")}
+               for v, rs in by.items()}
 
         def ratio(k, agg=agg):
             return agg["without"][k]["mean"] / agg["with"][k]["mean"]
@@ -81,7 +83,7 @@ def markdown(agg: list[dict], meta: dict) -> str:
              "config as shipped (reg.jac_auto); 'without': reg.jac_weight=0. At equilibrium: "
              "test samples whose relative residual is at most 1e-3.", "",
              "| config | stabiliser | fwd steps eval | fwd steps train | test accuracy | "
-             "at equilibrium | worst residual | train solves unconverged | step (ms) |",
+             "at equilibrium | worst residual | train solves unconverged fwd / bwd | step (ms) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
         for v in VARIANTS:
@@ -91,7 +93,8 @@ def markdown(agg: list[dict], meta: dict) -> str:
                 f"{pm(d['train_fwd_steps'])} | {pm(d['test_accuracy'], '{:.2f}', 100)}% | "
                 f"{pm(d['at_equilibrium'], '{:.2f}', 100)}% | "
                 f"{d['test_worst_residual']['mean']:.1e} | "
-                f"{pm(d['train_unconverged'], '{:.1f}', 100)}% | "
+                f"{pm(d['train_unconverged'], '{:.1f}', 100)}% / "
+                f"{pm(d['train_bwd_unconverged'], '{:.1f}', 100)}% | "
                 f"{pm(d['median_step_time'], '{:.0f}', 1e3)} |")
     lines.append("")
     for a in agg:

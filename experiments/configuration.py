@@ -31,7 +31,7 @@ CHOICES = {
     "model.z_init": ("zeros", "inject"), "model.head": models.HEADS,
     "solver.name": models.SOLVERS, "solver.eval_fallback": ("", *models.SOLVERS),
     "solver.fallback": ("", *models.SOLVERS),
-    "adjoint.name": models.ADJOINTS,
+    "adjoint.name": models.ADJOINTS, "adjoint.fallback": ("", *models.SOLVERS),
     "adjoint.solver": models.ADJOINT_SOLVERS, "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"), "train.on_nonfinite": ("stop", "skip"),
     "solver.precision": ("", "default", "high", "highest", "float32", "bfloat16",

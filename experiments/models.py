@@ -64,12 +64,17 @@ def make_adjoint(config: ml_collections.ConfigDict, *, evaluation: bool = False)
         return deq.PhantomAdjoint(steps=a.phantom_steps, damping=a.phantom_damping)
     if a.name == "jfb":
         return deq.JacobianFreeAdjoint()
-    solver = {
+    make = {
         "anderson": lambda: deq.Anderson(rtol=a.rtol, atol=1e-8),
         "iteration": lambda: deq.FixedPointIteration(rtol=a.rtol, atol=1e-8),
         "broyden": lambda: deq.Broyden(rtol=a.rtol, atol=1e-8),
         "gmres": lambda: deq.GMRES(rtol=a.rtol, atol=1e-8),
-    }[a.solver]()
+    }
+    solver = make[a.solver]()
+    if a.get("fallback", "") and a.solver != "gmres":
+        # The adjoint system's samples the solver leaves unconverged go on from their best
+        # iterates with the fallback, for up to max_steps more steps (same tolerances).
+        solver = dataclasses.replace(solver, fallback=make[a.fallback]())
     # The training loop counts failed solves itself (the step's metrics): no host callback
     # in the compiled step, which then keeps JAX's fast dispatch path.
     return deq.ImplicitAdjoint(solver=solver, max_steps=a.max_steps, on_failure="ignore")

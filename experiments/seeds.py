@@ -133,14 +133,14 @@ def seeds_markdown(table: dict, machine_str: str) -> str:
             f"{a['test_fwd_rel_residual']['mean']:.1e} | {_equilibrium(rows)} |"
         )
     d = agg["paired_difference"]
+    training = _training_sentence(table["runs"]["deq"])
     lines += [
         "",
         f"Paired difference DEQ - unrolled (same seed): {_points(d)} points over "
         f"{_seeds(d['n'])} "
         f"(per seed: {', '.join(f'{100 * x:+.2f}' for x in d['per_seed'])}). "
         f"Train-step memory DEQ / unrolled: {agg['memory_ratio']:.2f}x.",
-        *([f"\n{_training_sentence(table['runs']['deq'])}"]
-          if _training_sentence(table["runs"]["deq"]) else []),
+        *([f"\n{training}"] if training else []),
         *([f"\n{_budget_sentence(table['budget'])}"] if table.get("budget") else []),
         "",
         f"Machine: {machine_str}.",

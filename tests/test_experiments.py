@@ -359,8 +359,24 @@ def test_solver_fallbacks_from_the_config(tfds_dir):
     assert models.make_solver(cfg, mode="deq")[0].fallback is None
 
 
+def test_adjoint_fallback_from_the_config(tfds_dir):
+    import deq
+    from experiments import models
+    config = smoke_config(tfds_dir)
+    a = config.adjoint
+    linear = models.make_adjoint(config).solver
+    assert linear.fallback == deq.FixedPointIteration(rtol=a.rtol, atol=1e-8)
+    a.solver, a.fallback = "iteration", "anderson"
+    assert isinstance(models.make_adjoint(config).solver.fallback, deq.Anderson)
+    a.solver = "gmres"  # a Krylov solve needs no contraction: no fallback
+    assert isinstance(models.make_adjoint(config).solver, deq.GMRES)
+    a.solver, a.fallback = "anderson", ""
+    assert models.make_adjoint(config).solver.fallback is None
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("solver.fallback", "newton", "solver.fallback='newton' is not one of"),
+    ("adjoint.fallback", "gmres", "adjoint.fallback='gmres' is not one of"),
     ("solver.fallback_damping", 1.0, r"solver.fallback_damping=1.0 must be a number in \[0, 1\)"),
 ])
 def test_bad_solver_fallback_is_named(tfds_dir, field, value, match):
