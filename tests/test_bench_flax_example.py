@@ -52,3 +52,29 @@ def test_bench_flax_example_writes_finite_rows(tmp_path, quick_compile):
     md = (tmp_path / "bench_flax_example.md").read_text()
     assert "Machine:" in md and "commit" in md and "| linen |" in md
     assert json.loads((tmp_path / "provenance.json").read_text())["git_commit"]
+
+
+def test_backward_failures_are_recognised():
+    """The benchmark counts failed backward solves by the implicit adjoint's warning text: a
+    solve that cannot converge (one adjoint step) must produce a warning it recognises."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    import deq
+    from experiments.bench_flax_example import _BACKWARD_WARNING
+
+    adjoint = deq.ImplicitAdjoint(solver=deq.FixedPointIteration(), max_steps=1)
+
+    @jax.jit
+    def grad(x):
+        def loss(x):
+            return deq.fixed_point(lambda z, x: jnp.tanh(0.9 * z + x), jnp.zeros(3), x,
+                                   adjoint=adjoint).value.sum()
+        return jax.grad(loss)(x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        jax.block_until_ready(grad(jnp.ones(3)))
+        jax.effects_barrier()
+    assert any(_BACKWARD_WARNING in str(w.message) for w in caught)
