@@ -1,12 +1,15 @@
-"""What the Jacobian penalty with its adaptive weight costs and buys, measured on short runs.
+"""What the Jacobian penalty with its adaptive weight costs and buys, measured on the runs of
+the result sets.
 
-Each config trains ``--steps`` steps (batch 128, one pass over that many images) per seed,
-twice: with the stabiliser as the config ships it (``reg.jac_auto``: the weight follows the
-training solve's steps, see ``deq.regularization.AdaptiveWeight``) and without it
-(``reg.jac_weight=0``). Reported per variant, mean +- std over the seeds: forward solver steps
-at evaluation (with its fallback) and in training, test accuracy, test samples at equilibrium
-(relative residual <= 1e-3) and the worst one, training solves (forward and backward) that
-stopped unconverged, and the median training-step time.
+Each config trains the runs of its result set (``python -m experiments.reproduce``): mnist_deq
+one epoch (469 steps of batch 128), as the mnist set; mnist_multiscale_deq its set's 200 steps
+of batch 128. Each run is made twice per seed: with the stabiliser as the config ships it
+(``reg.jac_auto``: the weight follows the training solve's steps, see
+``deq.regularization.AdaptiveWeight``) and without it (``reg.jac_weight=0``). ``--steps N``
+trains short runs of N steps instead. Reported per variant, mean +- std over the seeds: forward
+solver steps at evaluation (with its fallback) and in training, test accuracy, test samples at
+equilibrium (relative residual <= 1e-3) and the worst one, training solves (forward and
+backward) that stopped unconverged, and the median training-step time.
 
 Usage::
 
@@ -26,23 +29,43 @@ from pathlib import Path
 
 import numpy as np
 
-# config -> training steps of its runs (the multiscale cell costs ~5x the single-scale one).
-CONFIGS = {"configs/mnist_deq.py": 300, "configs/mnist_multiscale_deq.py": 100}
+ROOT = Path(__file__).resolve().parents[1]
+
+# config -> the result set whose runs it repeats (experiments.seeds.SET_OVERRIDES).
+CONFIGS = {"configs/mnist_deq.py": "mnist", "configs/mnist_multiscale_deq.py": "mnist_multiscale"}
 VARIANTS = {"with": [], "without": ["reg.jac_weight=0.0"]}
 FIELDS = ("test_fwd_steps", "train_fwd_steps", "test_accuracy", "median_step_time",
           "test_worst_residual")
 
 
+def run_overrides(config: str, steps: int) -> list[str]:
+    """The config overrides of a run: its result set's (``steps`` 0), else a short run of
+    ``steps`` steps of batch 128."""
+    from experiments.seeds import SET_OVERRIDES
+
+    if steps:
+        return [f"data.limit_train={steps * 128}", "train.batch_size=128",
+                "train.num_epochs=1", "optim.warmup_steps=50"]
+    return list(SET_OVERRIDES.get(CONFIGS[config], []))
+
+
+def steps_description(rows: list[dict]) -> str:
+    """'mnist_deq 469, mnist_multiscale_deq 200': the training steps of each config's runs."""
+    steps = {}
+    for r in rows:
+        steps.setdefault(r["config"], set()).add(r["train_steps"])
+    return ", ".join(f"{c} {'/'.join(str(n) for n in sorted(ns))}" for c, ns in steps.items())
+
+
 def _run(config: str, steps: int, seed: int, variant: str, a) -> dict:
     from experiments.seeds import _train
 
-    overrides = [f"data.limit_train={steps * 128}", "train.batch_size=128",
-                 "train.num_epochs=1", "optim.warmup_steps=50", f"data.dir={a.mnist_dir}",
+    overrides = [*run_overrides(config, steps), f"data.dir={a.mnist_dir}",
                  f"name={Path(config).stem}_{variant}", *VARIANTS[variant]]
     wd = _train(config, seed, Path(a.workdir), overrides)
     s = json.loads((wd / "summary.json").read_text())
     return {"config": Path(config).stem, "variant": variant, "seed": seed,
-            **{k: s.get(k) for k in FIELDS},
+            "train_steps": s["train_steps"], **{k: s.get(k) for k in FIELDS},
             "at_equilibrium": s["test_at_equilibrium"] / s["test_samples"],
             "train_unconverged": s["train_fwd_unconverged"] / s["train_steps"],
             "train_bwd_unconverged": s["train_bwd_unconverged"] / s["train_steps"]}
@@ -113,13 +136,23 @@ def main(argv=None) -> list[dict]:
                     help="folder with the MNIST IDX files (default $DEQ_MNIST_DIR)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=0,
-                    help="training steps of every run (0: per config, "
-                    + ", ".join(f"{Path(c).stem} {n}" for c, n in CONFIGS.items()) + ")")
+                    help="training steps of every run (default 0: the runs of each config's "
+                         "result set: " + ", ".join(f"{Path(c).stem} as the {n} set"
+                                                    for c, n in CONFIGS.items()) + ")")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help="comma-separated config files (default: %(default)s)")
     ap.add_argument("--workdir", default="runs/bench_stabiliser")
     ap.add_argument("--out", default="experiments/results/bench_stabiliser")
     a = ap.parse_args(argv)
+    if a.steps < 0 or a.seeds < 1:
+        ap.error("--steps must be >= 0 and --seeds >= 1")
+    configs = a.configs.split(",")
+    for config in configs:
+        if not (ROOT / config).is_file():
+            ap.error(f"--configs: no config file {config}")
+        if not a.steps and config not in CONFIGS:
+            ap.error(f"--configs: {config} has no result set to repeat; pass --steps N for "
+                     "short runs of it")
     if not a.mnist_dir or not Path(a.mnist_dir).expanduser().is_dir():
         ap.exit(2, "bench_stabiliser: needs MNIST: pass --mnist-dir DIR (the IDX files) or "
                    "set DEQ_MNIST_DIR.\n")
@@ -127,17 +160,15 @@ def main(argv=None) -> list[dict]:
     from experiments.provenance import machine, machine_name, provenance, write_results
 
     rows = []
-    for config in a.configs.split(","):
-        steps = a.steps or CONFIGS.get(config, 300)
+    for config in configs:
         for seed in range(a.seeds):
             for variant in VARIANTS:
-                rows.append(_run(config, steps, seed, variant, a))
+                rows.append(_run(config, a.steps, seed, variant, a))
     agg = aggregate(rows)
     prov = provenance(["python", "-m", "experiments.bench_stabiliser",
                        *(sys.argv[1:] if argv is None else argv)])
     meta = {"machine": machine_name(machine()), "commit": prov["git_commit"][:10],
-            "seeds": a.seeds, "steps": a.steps or ", ".join(
-                f"{Path(c).stem} {CONFIGS.get(c, 300)}" for c in a.configs.split(","))}
+            "seeds": a.seeds, "steps": steps_description(rows)}
     write_results(a.out, "bench_stabiliser", markdown(agg, meta),
                   {"meta": meta, "rows": rows, "aggregate": agg}, prov)
     return agg

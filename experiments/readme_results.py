@@ -239,8 +239,9 @@ def _flax_row(r: dict, k: int) -> str:
             f"residual {r['eval1x_res_worst']:.1e}), accuracy {100 * r['eval1x_acc']:.2f}% "
             f"({100 * r[f'eval{k}x_acc']:.2f}% with {k}x the eval budget, "
             f"{r['pred_changed']} predictions changed), {r['eval1x_fwd_steps_mean']:.1f} forward "
-            f"steps at evaluation, {r['train_unconverged']} of {r['train_steps']} training solves "
-            f"unconverged")
+            f"steps at evaluation, training solves unconverged: {r['train_unconverged']} of "
+            f"{r['train_steps']}" + (f" forward, {r['train_bwd_unconverged']} backward"
+                                     if r.get("train_bwd_unconverged") is not None else ""))
 
 
 def _bench_flax_example_lines(results: Path, stale: dict) -> list[str]:
@@ -283,8 +284,10 @@ def _bench_stabiliser_lines(results: Path, stale: dict) -> list[str]:
             f"({a['with']['test_fwd_steps']['mean']:.1f} against "
             f"{a['without']['test_fwd_steps']['mean']:.1f}), accuracy "
             f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points, training step "
-            f"{a['step_time_ratio']:.2f}x, test samples at equilibrium "
-            f"{100 * a['with']['at_equilibrium']['mean']:.2f}% against "
+            f"{a['step_time_ratio']:.2f}x, training forward solves unconverged "
+            f"{100 * a['with']['train_unconverged']['mean']:.1f}% against "
+            f"{100 * a['without']['train_unconverged']['mean']:.1f}%, test samples at "
+            f"equilibrium {100 * a['with']['at_equilibrium']['mean']:.2f}% against "
             f"{100 * a['without']['at_equilibrium']['mean']:.2f}%")
     return [f"- **What the stabiliser buys** (MNIST, {res['meta']['steps']} steps, "
             f"{res['meta']['seeds']} seeds, with against without; "
