@@ -44,10 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.solver.damping = 0.0  # iteration only
     config.solver.history = 5  # anderson only
     # In training, samples the solver leaves unconverged go on from their best iterates with
-    # this solver ('' = none), for up to max_steps more steps: damped iteration, as the layers'
-    # default (early in training the cell may need a few more steps than max_steps).
+    # this solver ('' = none), for up to max_steps more steps (early in training the cell may
+    # need a few more steps than max_steps): damped iteration. The layers' default, Broyden,
+    # left 3 of 2200 digits training solves unconverged (5 seeds) against 19, but its seed 0
+    # ended with one test sample off equilibrium (residual 1.3e-2); damped iteration's none.
     config.solver.fallback = "iteration"
-    config.solver.fallback_damping = 0.5  # iteration fallback only
+    config.solver.fallback_damping = 0.5  # 'iteration' fallback only
     config.solver.eval_max_steps = 50  # at evaluation (0 = same as training)
     config.solver.eval_rtol = 1e-4
     # At evaluation, samples the solver leaves unconverged restart from their best iterates

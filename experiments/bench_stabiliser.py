@@ -2,7 +2,7 @@
 the result sets.
 
 Each config trains the runs of its result set (``python -m experiments.reproduce``): mnist_deq
-one epoch (469 steps of batch 128), as the mnist set; mnist_multiscale_deq its set's 200 steps
+one epoch (468 steps of batch 128), as the mnist set; mnist_multiscale_deq its set's 200 steps
 of batch 128. Each run is made twice per seed: with the stabiliser as the config ships it
 (``reg.jac_auto``: the weight follows the training solve's steps, see
 ``deq.regularization.AdaptiveWeight``) and without it (``reg.jac_weight=0``). ``--steps N``
@@ -41,16 +41,21 @@ FIELDS = ("test_fwd_steps", "train_fwd_steps", "test_accuracy", "median_step_tim
 def run_overrides(config: str, steps: int) -> list[str]:
     """The config overrides of a run: its result set's (``steps`` 0), else a short run of
     ``steps`` steps of batch 128."""
-    from experiments.seeds import SET_OVERRIDES
+    from experiments.seeds import SET_OVERRIDES, short_run_overrides
 
     if steps:
-        return [f"data.limit_train={steps * 128}", "train.batch_size=128",
-                "train.num_epochs=1", "optim.warmup_steps=50"]
+        return short_run_overrides(steps)
     return list(SET_OVERRIDES.get(CONFIGS[config], []))
 
 
+def targets_description(rows: list[dict]) -> str:
+    """'mnist_deq 0.5, mnist_multiscale_deq 0.3': each config's reg.jac_target as shipped."""
+    return ", ".join(f"{c} {t}" for c, t in dict.fromkeys(
+        (r["config"], r.get("jac_target")) for r in rows if r["variant"] == "with"))
+
+
 def steps_description(rows: list[dict]) -> str:
-    """'mnist_deq 469, mnist_multiscale_deq 200': the training steps of each config's runs."""
+    """'mnist_deq 468, mnist_multiscale_deq 200': the training steps of each config's runs."""
     steps = {}
     for r in rows:
         steps.setdefault(r["config"], set()).add(r["train_steps"])
@@ -64,8 +69,10 @@ def _run(config: str, steps: int, seed: int, variant: str, a) -> dict:
                  f"name={Path(config).stem}_{variant}", *VARIANTS[variant]]
     wd = _train(config, seed, Path(a.workdir), overrides)
     s = json.loads((wd / "summary.json").read_text())
+    cfg = json.loads((wd / "config.json").read_text())
     return {"config": Path(config).stem, "variant": variant, "seed": seed,
-            "train_steps": s["train_steps"], **{k: s.get(k) for k in FIELDS},
+            "train_steps": s["train_steps"], "jac_target": cfg.get("reg.jac_target"),
+            **{k: s.get(k) for k in FIELDS},
             "at_equilibrium": s["test_at_equilibrium"] / s["test_samples"],
             "train_unconverged": s["train_fwd_unconverged"] / s["train_steps"],
             "train_bwd_unconverged": s["train_bwd_unconverged"] / s["train_steps"]}
@@ -103,7 +110,8 @@ def markdown(agg: list[dict], meta: dict) -> str:
     lines = ["# The Jacobian stabiliser with its adaptive weight (experiments/bench_stabiliser.py)",
              "", f"Machine: {meta['machine']}; commit {meta['commit']}. MNIST, batch 128, "
              f"{meta['steps']} training steps, {meta['seeds']} seeds (mean +- std). 'with': the "
-             "config as shipped (reg.jac_auto); 'without': reg.jac_weight=0. At equilibrium: "
+             "config as shipped (reg.jac_auto; reg.jac_target: "
+             f"{meta.get('targets', '-')}); 'without': reg.jac_weight=0. At equilibrium: "
              "test samples whose relative residual is at most 1e-3.", "",
              "| config | stabiliser | fwd steps eval | fwd steps train | test accuracy | "
              "at equilibrium | worst residual | train solves unconverged fwd / bwd | step (ms) |",
@@ -168,7 +176,8 @@ def main(argv=None) -> list[dict]:
     prov = provenance(["python", "-m", "experiments.bench_stabiliser",
                        *(sys.argv[1:] if argv is None else argv)])
     meta = {"machine": machine_name(machine()), "commit": prov["git_commit"][:10],
-            "seeds": a.seeds, "steps": steps_description(rows)}
+            "seeds": a.seeds, "steps": steps_description(rows),
+            "targets": targets_description(rows)}
     write_results(a.out, "bench_stabiliser", markdown(agg, meta),
                   {"meta": meta, "rows": rows, "aggregate": agg}, prov)
     return agg

@@ -3,7 +3,7 @@
 Usage::
 
   python -m experiments.reproduce digits                  # 5 seeds x (DEQ, unrolled), ~5 min
-  python -m experiments.reproduce mnist --mnist-dir DIR   # 2 seeds x (DEQ, unrolled)
+  python -m experiments.reproduce mnist --mnist-dir DIR   # 3 seeds x (DEQ, unrolled), 1 epoch
   python -m experiments.reproduce mnist_multiscale --mnist-dir DIR  # 1 seed, 200-step runs
   python -m experiments.reproduce stale                   # list result sets to rerun
   python -m experiments.reproduce readme                  # rewrite the README's results block
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", choices=[*SETS, "stale", "readme"])
     parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds, 0..N-1 (default: 5 digits, 2 mnist, "
-                             "1 mnist_multiscale)")
+                        help="number of seeds, 0..N-1 (default: " + ", ".join(
+                            f"{n} {name}" for name, n in DEFAULT_SEEDS.items()) + ")")
     parser.add_argument("--workdir", type=Path, default=Path("runs/reproduce"),
                         help="where the training runs go (default runs/reproduce)")
     parser.add_argument("--mnist-dir", default=os.environ.get("DEQ_MNIST_DIR", ""),

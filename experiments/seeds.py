@@ -24,11 +24,18 @@ TITLES = {"digits": "Embedded digits", "mnist": "MNIST, 1-epoch runs"}
 # first SHORT_RUN_STEPS steps of batch 128, one epoch over that many images), without the
 # compute-accuracy curves and the solver table.
 SHORT_RUN_STEPS = 200
-SET_OVERRIDES = {"mnist_multiscale": [f"data.limit_train={SHORT_RUN_STEPS * 128}",
-                                      "train.batch_size=128", "train.num_epochs=1",
-                                      "optim.warmup_steps=50"],
-                 # One epoch (469 steps) per run, so that 3 seeds of both networks fit in
-                 # about 20 minutes on 2 CPU cores.
+
+
+def short_run_overrides(steps: int) -> list[str]:
+    """The config overrides of a short MNIST run: its first ``steps`` steps of batch 128 (one
+    epoch over that many images), with a 50-step warmup."""
+    return [f"data.limit_train={steps * 128}", "train.batch_size=128", "train.num_epochs=1",
+            "optim.warmup_steps=50"]
+
+
+SET_OVERRIDES = {"mnist_multiscale": short_run_overrides(SHORT_RUN_STEPS),
+                 # One epoch (468 steps of batch 128, the last partial batch dropped) per run,
+                 # so that 3 seeds of both networks fit in about 20 minutes on 2 CPU cores.
                  "mnist": ["train.num_epochs=1"]}
 BUDGET_FACTOR = 4  # the equilibrium check: accuracy again with this many times the eval budget
 TITLES["mnist_multiscale"] = f"MNIST, multiscale cell, {SHORT_RUN_STEPS}-step runs"

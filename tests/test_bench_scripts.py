@@ -41,20 +41,22 @@ def test_bench_loop_quick_writes_its_table(tmp_path):
 
 def test_bench_stabiliser_repeats_the_result_sets_runs():
     from experiments import bench_stabiliser as b
-    from experiments.seeds import SET_OVERRIDES
+    from experiments.seeds import SET_OVERRIDES, short_run_overrides
 
     # Default: the runs of the config's result set (the mnist set trains one epoch).
     assert b.run_overrides("configs/mnist_deq.py", 0) == SET_OVERRIDES["mnist"]
     assert b.run_overrides("configs/mnist_multiscale_deq.py", 0) == \
         SET_OVERRIDES["mnist_multiscale"]
-    assert "data.limit_train=640" in b.run_overrides("configs/digits_deq.py", 5)
+    assert b.run_overrides("configs/digits_deq.py", 5) == short_run_overrides(5)
+    assert "data.limit_train=640" in short_run_overrides(5)
 
 
 def test_bench_stabiliser_tables_from_rows():
     from experiments import bench_stabiliser as b
 
     def row(variant, seed, steps, acc, unconverged):
-        return {"config": "mnist_deq", "variant": variant, "seed": seed, "train_steps": 469,
+        return {"config": "mnist_deq", "variant": variant, "seed": seed, "train_steps": 468,
+                "jac_target": 0.5,
                 "test_fwd_steps": steps, "train_fwd_steps": steps - 1, "test_accuracy": acc,
                 "median_step_time": 0.3, "test_worst_residual": 1e-4, "at_equilibrium": 1.0,
                 "train_unconverged": unconverged, "train_bwd_unconverged": 0.0}
@@ -65,9 +67,12 @@ def test_bench_stabiliser_tables_from_rows():
     assert agg["eval_steps_ratio"] == pytest.approx(34 / 17)
     assert agg["accuracy_difference"]["mean"] == pytest.approx(-0.0015)
     assert agg["without"]["train_unconverged"]["mean"] == pytest.approx(0.02)
-    assert b.steps_description(rows) == "mnist_deq 469"
-    md = b.markdown([agg], {"machine": "m", "commit": "c", "seeds": 2, "steps": "mnist_deq 469"})
+    assert b.steps_description(rows) == "mnist_deq 468"
+    assert b.targets_description(rows) == "mnist_deq 0.5"
+    md = b.markdown([agg], {"machine": "m", "commit": "c", "seeds": 2, "steps": "mnist_deq 468",
+                            "targets": "mnist_deq 0.5"})
     assert "2.00x fewer forward steps" in md and "-0.15 +- 0.07 points" in md
+    assert "reg.jac_target: mnist_deq 0.5" in md
 
 
 def test_bench_stabiliser_refuses_a_config_without_a_result_set():

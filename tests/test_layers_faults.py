@@ -253,7 +253,7 @@ def test_eager_calls_after_the_first_do_not_retrace(api, make):
 def test_eval_settings_are_used_in_eval_mode(api):
     h, x, _ = api.mlp(max_steps=2, eval_max_steps=40, warn_unconverged_after=None)
     _, stats = api.call(h, x)
-    # Training: the budget of 2, and 2 more for the default damped-iteration fallback.
+    # Training: the budget of 2, and 2 more for the default Broyden fallback.
     assert int(stats.num_steps) == 4 and not bool(stats.converged)
     # The longest budget: evaluation's, doubled by its default Broyden fallback.
     assert stats.abs_trace.shape == (80,)

@@ -31,8 +31,8 @@ def test_stats_exist_before_the_first_call_in_their_final_shapes_and_are_not_par
     params = jax.tree_util.tree_leaves(nnx.state(layer, nnx.Param), is_leaf=is_var)
     assert params and all(type(v) is nnx.Param for v in params)
     # The traces are as long as the longest budget, training or evaluation.
-    # (Both budgets are doubled by the default fallbacks: damped iteration in training,
-    # Broyden in evaluation; a solver passed by the user is used as given.)
+    # (Both budgets are doubled by the default Broyden fallbacks, in training and in
+    # evaluation; a solver passed by the user is used as given.)
     other = NNX.clone(layer, max_steps=2, eval_max_steps=40)
     assert other.stats.get_value().abs_trace.shape == (80,)
     other = NNX.clone(layer, max_steps=50, eval_max_steps=40, eval_solver=deq.Anderson())
