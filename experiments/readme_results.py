@@ -282,8 +282,8 @@ def _bench_stabiliser_lines(results: Path, stale: dict) -> list[str]:
         d = a["accuracy_difference"]
         target = f" (`reg.jac_target` {targets[a['config']]})" if a["config"] in targets else ""
         parts.append(
-            f"{a['config']}{target}: {a['eval_steps_ratio']:.2f}x fewer forward steps at evaluation "
-            f"({a['with']['test_fwd_steps']['mean']:.1f} against "
+            f"{a['config']}{target}: {a['eval_steps_ratio']:.2f}x fewer forward steps at "
+            f"evaluation ({a['with']['test_fwd_steps']['mean']:.1f} against "
             f"{a['without']['test_fwd_steps']['mean']:.1f}), accuracy "
             f"{100 * d['mean']:+.2f} +- {100 * d['std']:.2f} points, training step "
             f"{a['step_time_ratio']:.2f}x, training forward solves unconverged "
