@@ -159,7 +159,7 @@ def _linen_train(**kw):
 @pytest.mark.parametrize("run", [_nnx_train, _linen_train], ids=["nnx", "linen"])
 def test_layer_training_solve_falls_back_by_default_and_an_explicit_solver_does_not(run):
     # Anderson leaves this cell at a relative residual of 1e-4 after its 10 steps; the default
-    # goes on from its best iterates by damped iteration and converges within 10 more.
+    # goes on from its best iterates by Broyden and converges within 10 more.
     stats = run()
     assert bool(stats.converged) and float(stats.converged_fraction) == 1.0
     assert 10 < int(stats.num_steps) <= 20
@@ -167,7 +167,9 @@ def test_layer_training_solve_falls_back_by_default_and_an_explicit_solver_does_
     assert not bool(stats.converged) and int(stats.num_steps) == 10
 
 
-def test_training_fallback_is_off_for_unrolled_backprop():
+def test_training_fallback_is_broyden_and_off_for_unrolled_backprop():
+    layer = deq.nnx.DEQ(NNXCos(), jac_reg_samples=0)
+    assert common.train_solver(layer) == deq.Anderson(fallback=deq.Broyden())
     layer = deq.nnx.DEQ(NNXCos(), adjoint=deq.UnrolledAdjoint(), jac_reg_samples=0)
     assert common.train_solver(layer) == deq.Anderson()
 
